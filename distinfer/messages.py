@@ -1,0 +1,157 @@
+"""Every dataclass that crosses a layer or a process boundary.
+
+Plain lists, ints and strings only (no tensors), so messages pickle cheaply to Ray workers.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from distinfer.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, stop token id or stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass
+class EngineRequest:
+    """A request as it enters the engine: already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0  # lower runs first under the priority policy (vLLM semantics)
+    prompt: str | None = None
+
+
+# ---------------------------------------------------------------- scheduler -> workers
+
+
+@dataclass
+class NewRequestData:
+    """First time the workers see a request: everything needed to build its state."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits)
+
+
+@dataclass
+class CachedRequestData:
+    """Per-step change to a request the workers already hold."""
+
+    req_id: str
+    new_token_ids: list[int]  # tokens appended (sampled) since the workers last saw the request
+    new_block_ids: list[int]  # appended to the block table; the whole table when resumed
+    num_computed_tokens: int
+    resumed_from_preemption: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    """One step for the workers, as a diff against the previous steps."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)  # workers drop these states
+    preempted_req_ids: set[str] = field(default_factory=set)  # blocks freed; state kept
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+# ---------------------------------------------------------------- workers -> scheduler
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one generated position: the sampled token plus the top-N alternatives."""
+
+    sampled_token_id: int
+    sampled_logprob: float
+    sampled_rank: int  # 1-based rank of the sampled token in the distribution
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Tokens sampled this step, one list per request in req_ids order (empty for partial prefill)."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprobs] | None] | None = None
+
+
+# ---------------------------------------------------------------- engine -> user
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """What the user sees. In streaming (delta) mode text/token_ids hold only what is new."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Scheduler and cache counters, read by metrics and the router."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
