@@ -93,6 +93,22 @@ class ModelRunnerOutput:
     logprobs: list[list[TokenLogprobs] | None] | None = None
 
 
+@dataclass
+class EngineCoreOutput:
+    """What the scheduler reports for one request after a step (new tokens and/or finish)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id that finished it, if any
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 # ---------------------------------------------------------------- engine -> user
 
 
