@@ -1,0 +1,167 @@
+"""AsyncLLM: the engine's step loop on a background thread, streamed to asyncio callers.
+
+Every caller's request joins the same continuous batch. Commands (add/abort) cross into the loop
+thread through a queue; outputs cross back with `call_soon_threadsafe` onto each caller's loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from distinfer.config import DistInferConfig
+from distinfer.engine.engine import LLMEngine
+from distinfer.engine.input_processor import PromptType
+from distinfer.engine.llm import build_config
+from distinfer.engine.output_processor import RequestOutputKind
+from distinfer.executor.base import EngineDeadError
+from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, FinishReason, RequestOutput
+from distinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request: EngineRequest
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _aborted_output(request: EngineRequest) -> RequestOutput:
+    completion = CompletionOutput(index=0, text="", token_ids=[], finish_reason=FinishReason.ABORT.value)
+    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished=True)
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, *, config: DistInferConfig | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(config or build_config(model, **kwargs))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self.dead_error: EngineDeadError | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="distinfer-step-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead_error is not None
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    # ------------------------------------------------------------ caller side
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None,
+        request_id: str,
+        priority: int = 0,
+        output_kind: RequestOutputKind = RequestOutputKind.DELTA,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs; cancelling the iteration (or the task) aborts the request."""
+        stream = self._submit(prompt, sampling_params, request_id, priority, output_kind)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._send_abort([request_id], notify=False)
+
+    def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
+        if self.dead_error is not None:
+            raise self.dead_error
+        if self._stopped:
+            raise EngineDeadError("engine is shut down")
+        request = self.engine.input_processor.process(request_id, prompt, params, priority=priority)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request)
+            self._streams[request_id] = stream
+        self._inbox.put(("add", request, output_kind))
+        self._wake.set()
+        return stream
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        self._send_abort([request_id] if isinstance(request_id, str) else list(request_id), notify=True)
+
+    def _send_abort(self, request_ids: list[str], notify: bool) -> None:
+        with self._lock:
+            streams = [self._streams.pop(i, None) for i in request_ids]
+        if notify:
+            for stream in filter(None, streams):
+                stream.put(_aborted_output(stream.request))
+        self._inbox.put(("abort", request_ids, None))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ------------------------------------------------------------ loop thread
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._dispatch(self.engine.step())
+        except BaseException as exc:  # the engine is unusable: fail everyone, clearly
+            logger.exception("engine step loop died")
+            self._fail_all(EngineDeadError(f"engine is dead: {type(exc).__name__}: {exc}"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, payload, kind = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                with self._lock:
+                    live = payload.request_id in self._streams
+                if live:  # not aborted before it arrived
+                    self.engine.add_processed_request(payload, kind)
+            else:
+                self.engine.abort_request(payload)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            with self._lock:
+                stream = self._streams.get(output.request_id)
+                if stream is not None and output.finished:
+                    del self._streams[output.request_id]
+            if stream is not None:
+                stream.put(output)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        self.dead_error = error
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.put(error)

@@ -1,0 +1,124 @@
+"""LLMEngine: one model replica's step loop.
+
+schedule() -> SchedulerOutput -> executor -> ModelRunnerOutput -> update() -> OutputProcessor -> RequestOutputs
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from distinfer.config import DistInferConfig
+from distinfer.engine.input_processor import InputProcessor, ModelLimits, PromptType
+from distinfer.engine.output_processor import OutputProcessor, RequestOutputKind
+from distinfer.engine.request import Request
+from distinfer.engine.scheduler import Scheduler
+from distinfer.executor.base import Executor
+from distinfer.messages import EngineRequest, EngineStats, FinishReason, RequestOutput
+from distinfer.model.loader import load_hf_config, load_tokenizer
+from distinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """Wall time of the last step, split for benchmarks (seconds)."""
+
+    schedule: float = 0.0
+    execute: float = 0.0
+    update: float = 0.0
+    num_tokens: int = 0
+
+
+def _eos_token_ids(tokenizer, hf_config) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def resolve_max_model_len(config: DistInferConfig, hf_config) -> int:
+    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    wanted = config.model.max_model_len
+    if wanted is not None and wanted > model_max:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {model_max}")
+    return wanted or model_max
+
+
+class LLMEngine:
+    def __init__(self, config: DistInferConfig, executor_backend: str | None = None) -> None:
+        self.config = config
+        hf_config = load_hf_config(config.model)
+        self.hf_config = hf_config
+        self.tokenizer = load_tokenizer(config.model)
+        self.max_model_len = resolve_max_model_len(config, hf_config)
+        limits = ModelLimits(hf_config.vocab_size, self.max_model_len, _eos_token_ids(self.tokenizer, hf_config))
+        self.input_processor = InputProcessor(self.tokenizer, limits)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.executor = Executor.create(config, executor_backend)
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_kv_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        self.last_step = StepStats()
+        logger.info("engine ready: %d KV blocks, max_model_len %d", num_blocks, self.max_model_len)
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+    ) -> EngineRequest:
+        request = self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        self.add_processed_request(request, output_kind)
+        return request
+
+    def add_processed_request(self, request: EngineRequest, output_kind: RequestOutputKind) -> None:
+        if request.sampling_params.max_tokens is None:
+            request.sampling_params.max_tokens = self.max_model_len - len(request.prompt_token_ids)
+        children = self.output_processor.add_request(request, output_kind)
+        group_id = request.request_id if len(children) > 1 else None
+        for child in children:
+            self.scheduler.add_request(Request.from_engine_request(child, group_id=group_id))
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        internal_ids = self.output_processor.abort_requests(ids)
+        self.scheduler.finish_requests(internal_ids, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.output_processor.get_num_unfinished_requests()
+
+    def get_stats(self) -> EngineStats:
+        return self.scheduler.get_stats()
+
+    # ------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        runner_output = self.executor.execute_model(scheduler_output)
+        t2 = time.perf_counter()
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        processed = self.output_processor.process_outputs(core_outputs)
+        if processed.reqs_to_abort:
+            # Stop strings end requests the scheduler still thinks are running.
+            self.scheduler.finish_requests(processed.reqs_to_abort, FinishReason.STOP)
+        self.last_step = StepStats(t1 - t0, t2 - t1, time.perf_counter() - t2, scheduler_output.total_num_scheduled_tokens)
+        return processed.request_outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

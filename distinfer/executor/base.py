@@ -1,0 +1,47 @@
+"""Executor: runs SchedulerOutputs on every rank of one engine instance."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from distinfer.config import DistInferConfig
+from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (or one of its workers) died; in-flight and new requests fail with this."""
+
+
+class Executor(ABC):
+    name: str = ""
+    _registry: dict[str, type["Executor"]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Executor._registry[cls.name] = cls
+
+    def __init__(self, config: DistInferConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def create(cls, config: DistInferConfig, backend: str | None = None) -> "Executor":
+        """`uni` runs in-process for world size 1; `ray` otherwise."""
+        backend = backend or ("uni" if config.parallel.world_size == 1 else "ray")
+        if backend not in cls._registry:
+            raise ValueError(f"distributed_executor_backend must be one of {sorted(cls._registry)}, got {backend!r}")
+        return cls._registry[backend](config)
+
+    @abstractmethod
+    def determine_num_blocks(self) -> int: ...
+
+    @abstractmethod
+    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError when a rank is gone."""
