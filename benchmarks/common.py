@@ -1,0 +1,28 @@
+"""Shared benchmark helpers: the transformers baseline and this machine's memory bandwidth."""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from distinfer.config import ModelConfig
+from distinfer.model.loader import hf_directory
+
+
+def hf_reference_model(dtype: str = "float32", model: str | None = None):
+    """The transformers model read from the same HF directory distinfer loads (the converted default)."""
+    config = ModelConfig(model=model, dtype=dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_directory(config), dtype=config.torch_dtype)
+    return hf_model.eval(), config.torch_dtype
+
+
+def measure_memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: best of several full reductions over a buffer far larger than cache."""
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
