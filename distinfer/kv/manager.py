@@ -1,0 +1,140 @@
+"""KVCacheManager: maps request ids to block tables over a BlockPool, with prefix caching.
+
+Deals in request ids and token ids only (never engine Request objects). Invariants:
+- A request's block table holds ceil(tokens it may hold / block_size) blocks, in order.
+- Only full blocks whose every token is computed are hashed into the prefix cache.
+- A prefix hit never covers the whole sequence: at least one token is left to compute,
+  so the model produces logits for the next token.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from distinfer.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_full_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # tokens looked up
+    hits: int = 0  # tokens found
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        needed = _cdiv(max_model_len, block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"KV cache budget of {num_blocks} blocks ({num_blocks * block_size} tokens at "
+                f"block_size={block_size}) cannot hold one sequence of max_model_len={max_model_len} "
+                f"tokens, which needs {needed} blocks: raise num_kv_blocks (or kv_cache_bytes) to at "
+                f"least {needed} blocks, or lower max_model_len to at most {num_blocks * block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_model_len = max_model_len
+        self.pool = BlockPool(num_blocks)
+        self._req_blocks: dict[str, list[KVBlock]] = {}
+        self._req_hashes: dict[str, list[BlockHash]] = {}  # hash chain of the request's full blocks
+        self._req_num_cached: dict[str, int] = {}  # leading blocks already registered/hit
+        self._stats = PrefixCacheStats()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(self._stats.queries, self._stats.hits)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._req_blocks.get(request_id, [])]
+
+    # ------------------------------------------------------------------ updates
+
+    def get_computed_blocks(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Assign the longest cached prefix (full blocks, leaving >= 1 token) to a request that
+        holds no blocks; returns the number of tokens it covers."""
+        if self._req_blocks.get(request_id):
+            raise ValueError(f"request {request_id!r} already holds blocks; free it before a prefix lookup")
+        if not self.enable_prefix_caching:
+            return 0
+        max_blocks = max(len(token_ids) - 1, 0) // self.block_size
+        hashes = hash_full_blocks(token_ids, self.block_size, num_blocks=max_blocks)
+        hits: list[KVBlock] = []
+        for block_hash in hashes:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.touch(hits)
+        self._req_blocks[request_id] = hits
+        self._req_hashes[request_id] = hashes[:len(hits)]
+        self._req_num_cached[request_id] = len(hits)
+        num_hit_tokens = len(hits) * self.block_size
+        self._stats.queries += len(token_ids)
+        self._stats.hits += num_hit_tokens
+        return num_hit_tokens
+
+    def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Grow the request's table to hold `num_tokens` tokens in all. Returns the new block ids,
+        or None (nothing changed) when too few blocks are free (evictable cached ones count)."""
+        blocks = self._req_blocks.setdefault(request_id, [])
+        num_new = _cdiv(num_tokens, self.block_size) - len(blocks)
+        if num_new <= 0:
+            return []
+        if num_new > self.pool.num_free_blocks:
+            return None
+        new_blocks = self.pool.allocate(num_new)
+        blocks.extend(new_blocks)
+        return [block.block_id for block in new_blocks]
+
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Hash the request's newly full, computed blocks into the prefix cache."""
+        if not self.enable_prefix_caching or request_id not in self._req_blocks:
+            return
+        blocks = self._req_blocks[request_id]
+        num_full = min(num_computed_tokens // self.block_size, len(blocks))
+        start = self._req_num_cached.get(request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._req_hashes.setdefault(request_id, [])
+        if len(hashes) < num_full:
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_full_blocks(token_ids, self.block_size, parent, len(hashes), num_full))
+        for index in range(start, num_full):
+            self.pool.cache_block(blocks[index], hashes[index])
+        self._req_num_cached[request_id] = num_full
+
+    def free(self, request_id: str) -> None:
+        """Release all of the request's blocks at once, tail first (tail blocks are evicted first)."""
+        blocks = self._req_blocks.pop(request_id, [])
+        self._req_hashes.pop(request_id, None)
+        self._req_num_cached.pop(request_id, None)
+        self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+        # Requests' hash chains stay valid; their blocks simply are no longer registered.

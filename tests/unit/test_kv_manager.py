@@ -1,0 +1,117 @@
+"""KVCacheManager: slots, prefix hits (full blocks only, leave one token), budget errors."""
+import pytest
+
+from distinfer.kv.manager import KVCacheManager
+
+BS = 4
+
+
+def make(num_blocks=8, prefix=True, max_model_len=16):
+    return KVCacheManager(num_blocks, BS, prefix, max_model_len)
+
+
+def compute(kv, request_id, tokens):
+    """Allocate and 'compute' every token of a request, registering its full blocks."""
+    hit = kv.get_computed_blocks(request_id, tokens)
+    assert kv.allocate_slots(request_id, len(tokens)) is not None
+    kv.cache_blocks(request_id, tokens, len(tokens))
+    return hit
+
+
+def test_allocate_slots_grows_the_table_by_whole_blocks():
+    kv = make()
+    assert kv.allocate_slots("a", 5) == [0, 1]
+    assert kv.allocate_slots("a", 8) == []  # still fits in two blocks
+    assert kv.allocate_slots("a", 9) == [2]
+    assert kv.get_block_ids("a") == [0, 1, 2]
+    assert kv.num_free_blocks == 5 and kv.usage == pytest.approx(3 / 8)
+
+
+def test_allocate_slots_returns_none_and_changes_nothing_when_short():
+    kv = make(num_blocks=4)
+    kv.allocate_slots("a", 12)
+    assert kv.allocate_slots("b", 8) is None
+    assert kv.get_block_ids("b") == [] and kv.num_free_blocks == 1
+
+
+def test_prefix_hit_shares_full_blocks_and_counts_tokens():
+    kv = make()
+    prompt = list(range(10))
+    assert compute(kv, "a", prompt) == 0
+    hit = kv.get_computed_blocks("b", prompt[:8] + [99, 98, 97])
+    assert hit == 8
+    assert kv.get_block_ids("b") == kv.get_block_ids("a")[:2]
+    assert kv.pool.blocks[kv.get_block_ids("a")[0]].ref_cnt == 2
+    stats = kv.prefix_cache_stats
+    assert (stats.queries, stats.hits) == (10 + 11, 8)
+    assert stats.hit_rate == pytest.approx(8 / 21)
+
+
+def test_prefix_hit_leaves_at_least_one_token_to_compute():
+    kv = make()
+    prompt = list(range(8))  # exactly two full blocks
+    compute(kv, "a", prompt)
+    assert kv.get_computed_blocks("b", prompt) == 4  # not 8: the last token must be computed
+    kv.free("b")
+    assert kv.get_computed_blocks("c", prompt + [100]) == 8
+
+
+def test_partial_blocks_are_not_shared():
+    kv = make()
+    compute(kv, "a", list(range(10)))  # third block holds only 2 tokens
+    assert kv.pool.num_cached_blocks == 2
+    assert kv.get_computed_blocks("b", list(range(12)) + [50]) == 8  # 10 tokens match, 8 shared
+
+
+def test_cache_blocks_only_registers_computed_full_blocks():
+    kv = make()
+    tokens = list(range(12))
+    kv.get_computed_blocks("a", tokens)
+    kv.allocate_slots("a", 12)
+    kv.cache_blocks("a", tokens, 6)  # one full block computed so far
+    assert kv.pool.num_cached_blocks == 1
+    kv.cache_blocks("a", tokens, 12)
+    assert kv.pool.num_cached_blocks == 3
+
+
+def test_prefix_caching_disabled_never_hits_or_counts():
+    kv = make(prefix=False)
+    compute(kv, "a", list(range(10)))
+    assert kv.get_computed_blocks("b", list(range(10))) == 0
+    assert kv.pool.num_cached_blocks == 0
+    assert kv.prefix_cache_stats.queries == 0
+
+
+def test_free_releases_everything_at_once_tail_first():
+    kv = make(num_blocks=4)
+    compute(kv, "a", list(range(12)))
+    a_blocks = kv.get_block_ids("a")
+    kv.free("a")
+    assert kv.num_free_blocks == 4 and kv.usage == 0.0 and kv.get_block_ids("a") == []
+    # Block 3 was never used; then the tail of "a" is evicted first, its head survives longest.
+    assert kv.allocate_slots("b", 8) == [3, a_blocks[2]]
+    assert kv.get_computed_blocks("c", list(range(12))) == 8
+
+
+def test_reset_prefix_cache_drops_hits():
+    kv = make()
+    compute(kv, "a", list(range(10)))
+    kv.reset_prefix_cache()
+    assert kv.get_computed_blocks("b", list(range(10))) == 0
+
+
+def test_budget_too_small_for_max_model_len_is_a_clear_error():
+    with pytest.raises(ValueError) as info:
+        KVCacheManager(num_blocks=3, block_size=16, enable_prefix_caching=True, max_model_len=100)
+    message = str(info.value)
+    for part in ("3 blocks", "48 tokens", "max_model_len=100", "7 blocks", "num_kv_blocks", "kv_cache_bytes",
+                 "lower max_model_len"):
+        assert part in message
+    KVCacheManager(num_blocks=7, block_size=16, enable_prefix_caching=True, max_model_len=100)  # fits
+
+
+def test_lookup_on_a_request_holding_blocks_is_refused():
+    kv = make()
+    kv.allocate_slots("a", 4)
+    with pytest.raises(ValueError, match="already holds blocks"):
+        kv.get_computed_blocks("a", [1, 2, 3, 4, 5])
