@@ -305,3 +305,58 @@ def test_duplicate_ids_and_full_queue_are_refused():
         sched.add_request(make_req("a"))
     with pytest.raises(QueueFullError):
         sched.add_request(make_req("b"))
+
+
+class _FakeWorker:
+    """Applies SchedulerOutput diffs like a worker and 'writes KV' (the token id) into slots, so
+    the test can check that every computed position in a block table holds the right token."""
+
+    def __init__(self, sched):
+        self.sched, self.tokens, self.tables, self.slots = sched, {}, {}, {}
+
+    def execute(self, so, rng):
+        for rid in so.finished_req_ids:
+            self.tokens.pop(rid, None)
+        for new in so.scheduled_new_reqs:
+            self.tokens[new.req_id], self.tables[new.req_id] = list(new.prompt_token_ids), list(new.block_ids)
+        for diff in so.scheduled_cached_reqs:
+            self.tokens[diff.req_id] += diff.new_token_ids
+            table = self.tables[diff.req_id]
+            self.tables[diff.req_id] = list(diff.new_block_ids) if diff.resumed_from_preemption else table + diff.new_block_ids
+        sampled = []
+        for rid, n in so.num_scheduled_tokens.items():
+            req, tokens, table = self.sched.requests[rid], self.tokens[rid], self.tables[rid]
+            assert tokens == req.all_token_ids and table == self.sched.kv.get_block_ids(rid)
+            start = req.num_computed_tokens
+            for pos in range(start):  # prefix hits and earlier chunks hold the right KV
+                assert self.slots[(table[pos // BS], pos % BS)] == tokens[pos]
+            for pos in range(start, start + n):
+                self.slots[(table[pos // BS], pos % BS)] = tokens[pos]
+            sampled.append([rng.choice([EOS, 5, 6, 9])] if start + n == len(tokens) else [])
+        return ModelRunnerOutput(list(so.num_scheduled_tokens), sampled)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_random_workload_keeps_invariants_and_frees_everything(policy):
+    import random
+
+    rng = random.Random(0)
+    sched = make_sched(num_blocks=12, max_num_seqs=5, budget=12, policy=policy, max_model_len=40)
+    worker, shared = _FakeWorker(sched), list(range(900, 910))
+    for i in range(30):
+        prompt = shared[:rng.randint(1, 10)] + [rng.randint(10, 50) for _ in range(rng.randint(1, 12))]
+        sched.add_request(make_req(f"r{i}", prompt=prompt, arrival=i, priority=rng.randint(0, 3),
+                                   group_id=f"g{i // 3}", max_tokens=rng.randint(1, 20), ignore_eos=i % 2 == 0))
+    for _ in range(2000):
+        if not sched.has_unfinished_requests():
+            break
+        if rng.random() < 0.02 and sched.requests:
+            sched.finish_requests(rng.choice(sorted(sched.requests)), FinishReason.ABORT)
+        so = sched.schedule()
+        assert so.total_num_scheduled_tokens <= 12 and sched.num_running <= 5
+        assert not so.preempted_req_ids & set(so.num_scheduled_tokens)
+        sched.update_from_output(so, worker.execute(so, rng))
+    assert not sched.has_unfinished_requests()
+    assert sched.kv.num_free_blocks == 12 and all(b.ref_cnt == 0 for b in sched.kv.pool.blocks)
+    stats = sched.get_stats()
+    assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0  # both paths exercised
