@@ -1,0 +1,225 @@
+"""Paged attention: KV cache in fixed-size blocks, plain-torch (SDPA) backend for CPU.
+
+KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+Token p of a request lives in slot block_table[p // block_size] * block_size + p % block_size.
+
+`AttentionMetadata.build` precomputes every index tensor and mask once per step; each layer
+then only writes its new K/V into the slots and runs SDPA:
+  * decode rows (query_len == 1) together: one SDPA call over block-gathered, padded KV with an
+    additive length mask; the query heads sharing a KV head are folded into the query-length axis,
+    so GQA needs no KV expansion;
+  * prefill rows one SDPA call each: causal on the fresh K/V when nothing is cached before them,
+    else over the gathered context with a causal mask shifted by the cached prefix length.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    """One request computing more than one token this step."""
+
+    start: int  # first row in the flattened batch
+    end: int
+    context_len: int  # cached prefix + new tokens
+    block_ids: torch.Tensor | None  # blocks holding the context; None when there is no cached prefix
+    mask: torch.Tensor | None  # additive float32 [q_len, context_len] causal mask shifted by the prefix
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int
+    block_size: int
+    query_lens: list[int]
+    seq_lens: list[int]
+    slot_mapping: torch.Tensor  # [T] long, where each new token's K/V goes
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0 (for other backends)
+    seq_lens_tensor: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    # decode rows (query_len == 1)
+    num_decodes: int = 0
+    decode_rows: slice | torch.Tensor | None = None  # token rows: a slice when contiguous
+    decode_block_ids: torch.Tensor | None = None  # [num_decodes * decode_num_blocks]
+    decode_num_blocks: int = 0
+    decode_kv_len: int = 0  # keys attended (max seq len of the decode rows)
+    decode_mask: torch.Tensor | None = None  # additive float32 [num_decodes, 1, 1, kv_len]; None if no padding
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    _mask_cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Request i computes query_lens[i] tokens at positions seq_lens[i]-query_lens[i] .. seq_lens[i]-1."""
+        _validate(query_lens, seq_lens, block_tables, block_size)
+        nblocks = [-(-s // block_size) for s in seq_lens]
+        width = max(nblocks, default=1)
+        tables = torch.tensor([bt[:n] + [0] * (width - n) for bt, n in zip(block_tables, nblocks)],
+                              dtype=torch.long).view(len(seq_lens), width)
+        q = torch.tensor(query_lens, dtype=torch.long)
+        s = torch.tensor(seq_lens, dtype=torch.long)
+        qsl = torch.zeros(len(q) + 1, dtype=torch.long)
+        torch.cumsum(q, 0, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        req = torch.repeat_interleave(torch.arange(len(q)), q)
+        pos = torch.arange(num_tokens) - qsl[:-1][req] + (s - q)[req]
+        slots = tables[req, pos // block_size] * block_size + pos % block_size
+        md = cls(num_tokens=num_tokens, block_size=block_size, query_lens=list(query_lens),
+                 seq_lens=list(seq_lens), slot_mapping=slots.to(device), block_tables=tables.to(device),
+                 seq_lens_tensor=s.to(device=device, dtype=torch.int32),
+                 query_start_loc=qsl.to(device=device, dtype=torch.int32))
+        md._build_decodes(qsl.tolist(), tables, nblocks, device)
+        md._build_prefills(qsl.tolist(), tables, nblocks, device)
+        return md
+
+    def _build_decodes(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int], device) -> None:
+        idx = [i for i, n in enumerate(self.query_lens) if n == 1]
+        if not idx:
+            return
+        rows = [qsl[i] for i in idx]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.decode_rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=device)
+        lens = [self.seq_lens[i] for i in idx]
+        self.num_decodes, self.decode_kv_len = len(idx), max(lens)
+        self.decode_num_blocks = max(nblocks[i] for i in idx)
+        sel = tables[torch.tensor(idx)][:, : self.decode_num_blocks]
+        self.decode_block_ids = sel.reshape(-1).to(device)
+        if min(lens) != max(lens):
+            valid = torch.arange(self.decode_kv_len)[None, :] < torch.tensor(lens)[:, None]
+            self.decode_mask = _additive(valid).view(len(idx), 1, 1, -1).to(device)
+
+    def _build_prefills(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int], device) -> None:
+        for i, (q, s) in enumerate(zip(self.query_lens, self.seq_lens)):
+            if q == 1:
+                continue
+            block_ids = mask = None
+            if s > q:  # cached prefix: attend over the gathered context with a shifted causal mask
+                block_ids = tables[i, : nblocks[i]].to(device)
+                valid = torch.ones(q, s, dtype=torch.bool).tril(diagonal=s - q)
+                mask = _additive(valid).to(device)
+            self.prefills.append(PrefillSeq(qsl[i], qsl[i + 1], s, block_ids, mask))
+
+    def mask_as(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` converted to the query dtype, converted once per step and reused by every layer."""
+        if mask.dtype == dtype:
+            return mask
+        key = (id(mask), dtype)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = mask.to(dtype)
+        return self._mask_cache[key]
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.num_decodes == len(self.query_lens)
+
+
+def _additive(valid: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid, float("-inf"))
+
+
+def _validate(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int) -> None:
+    if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+        raise ValueError(f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and block_tables "
+                         f"({len(block_tables)}) must have one entry per request")
+    for i, (q, s, bt) in enumerate(zip(query_lens, seq_lens, block_tables)):
+        if not 1 <= q <= s:
+            raise ValueError(f"request {i}: need 1 <= query_len ({q}) <= seq_len ({s})")
+        if len(bt) * block_size < s:
+            raise ValueError(f"request {i}: {len(bt)} blocks of {block_size} cannot hold {s} tokens")
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the step's K/V [T, Hkv, D] into their slots."""
+    _, nb, bs, h, d = kv_cache.shape
+    kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of `batch` rows of equally many blocks: each [batch, nblocks * block_size, Hkv, D]."""
+    _, _, bs, h, d = kv_cache.shape
+    k = kv_cache[0].index_select(0, block_ids).view(batch, -1, h, d)
+    v = kv_cache[1].index_select(0, block_ids).view(batch, -1, h, d)
+    return k, v
+
+
+class AttentionBackend(abc.ABC):
+    """Computes attention for a step's flattened tokens given the paged cache."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]."""
+
+
+class TorchSDPABackend(AttentionBackend):
+    name = "torch_sdpa"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(kv_cache, k, v, md.slot_mapping)
+        if md.is_pure_decode:
+            return self._decode(q, kv_cache, md, scale)
+        if md.num_decodes == 0 and len(md.prefills) == 1:
+            return self._prefill(q, k, v, kv_cache, md, md.prefills[0], scale)
+        out = torch.empty_like(q)
+        if md.num_decodes:
+            rows = md.decode_rows
+            if isinstance(rows, slice):
+                out[rows] = self._decode(q[rows], kv_cache, md, scale)
+            else:
+                out.index_copy_(0, rows, self._decode(q.index_select(0, rows), kv_cache, md, scale))
+        for p in md.prefills:
+            out[p.start:p.end] = self._prefill(q, k, v, kv_cache, md, p, scale)
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [B, Hq, D] of the decode rows -> [B, Hq, D]."""
+        b, hq, d = q.shape
+        hkv = kv_cache.shape[3]
+        k, v = gather_kv(kv_cache, md.decode_block_ids, b)
+        L = md.decode_kv_len
+        k, v = k[:, :L].transpose(1, 2), v[:, :L].transpose(1, 2)  # [B, Hkv, L, D]
+        qg = q.reshape(b, hkv, hq // hkv, d)  # the heads sharing a KV head act as query rows
+        mask = None if md.decode_mask is None else md.mask_as(md.decode_mask, q.dtype)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, hq, d)
+
+    @staticmethod
+    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 md: AttentionMetadata, p: PrefillSeq, scale: float) -> torch.Tensor:
+        """One prefill row's queries q[p.start:p.end] -> [q_len, Hq, D]."""
+        qi = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if p.block_ids is None:
+            ki = k[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            vi = v[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            kc, vc = gather_kv(kv_cache, p.block_ids, 1)
+            ki = kc[0, : p.context_len].transpose(0, 1).unsqueeze(0)
+            vi = vc[0, : p.context_len].transpose(0, 1).unsqueeze(0)
+            mask = md.mask_as(p.mask, q.dtype)
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {TorchSDPABackend.name: TorchSDPABackend}
+
+
+def get_attention_backend(name: str = "torch_sdpa") -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """One layer's cache, zero-filled so padded (masked) slots never hold NaN."""
+    return torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)

@@ -1,0 +1,23 @@
+"""Gated activations for the MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedActivation(nn.Module):
+    """act(x[..., :d]) * x[..., d:] for the fused gate_up projection output."""
+
+    def __init__(self, hidden_act: str = "silu") -> None:
+        super().__init__()
+        if hidden_act not in _ACTS:
+            raise ValueError(f"Unsupported hidden_act {hidden_act!r}; supported: {', '.join(_ACTS)}")
+        self.act = _ACTS[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return self.act(x[..., :d]) * x[..., d:]
