@@ -61,10 +61,11 @@ def _write_hf_dir(gguf: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the saved weights are plain float32
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(out))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases
