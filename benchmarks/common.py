@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distinfer.config import ModelConfig
-from distinfer.model.loader import hf_directory
+from distinfer.model.loader import resolve_model_path
 
 
 def hf_reference_model(dtype: str = "float32", model: str | None = None):
     """The transformers model read from the same HF directory distinfer loads (the converted default)."""
     config = ModelConfig(model=model, dtype=dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_directory(config), dtype=config.torch_dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.model), dtype=config.torch_dtype)
     return hf_model.eval(), config.torch_dtype
 
 

@@ -13,9 +13,9 @@ logging.getLogger("distinfer").setLevel(logging.INFO)
 def default_model_dir() -> str:
     """The HF directory (config.json + safetensors) distinfer reads for the default model."""
     from distinfer.config import ModelConfig
-    from distinfer.model.loader import hf_directory
+    from distinfer.model.loader import resolve_model_path
 
-    return hf_directory(ModelConfig())
+    return resolve_model_path(ModelConfig().model)
 
 
 @pytest.fixture(scope="session")
