@@ -64,7 +64,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         bias=o_bias, dtype=dtype)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.qk_size = self.qkv_proj.q_size + self.qkv_proj.kv_size
+        self.q_size, self.qk_size = self.qkv_proj.q_size, self.qkv_proj.q_size + self.qkv_proj.kv_size
         self.scale = self.head_dim ** -0.5
         self.backend = get_attention_backend(backend)
 
@@ -72,11 +72,11 @@ class LlamaAttention(nn.Module):
                 md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t, d = qkv.shape[0], self.head_dim
-        # rotate q and k in one go: they are adjacent heads of the fused projection
-        qk = RotaryEmbedding.forward(qkv[:, : self.qk_size].view(t, -1, d), cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.qk_size:].view(t, self.num_kv_heads, d)
-        out = self.backend.forward(q, k, v, kv_cache, md, self.scale)
+        # rotate q and k in place, in one go: they are adjacent heads of the fused projection
+        RotaryEmbedding.forward(qkv[:, : self.qk_size].view(t, -1, d), cos, sin)
+        q = qkv[:, : self.q_size].view(t, self.num_heads, d)
+        kv = qkv[:, self.q_size:].view(t, 2, self.num_kv_heads, d)  # K and V adjacent per token
+        out = self.backend.forward(q, kv, kv_cache, md, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * d))
 
 
@@ -181,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
         return layer.self_attn.num_kv_heads if self.num_local_layers else 0
 
     def make_kv_caches(self, num_blocks: int, block_size: int, device: torch.device | str) -> list[torch.Tensor]:
-        """One [2, num_blocks, block_size, local_kv_heads, head_dim] tensor per layer of this stage."""
+        """One [num_blocks, block_size, 2, local_kv_heads, head_dim] tensor per layer of this stage."""
         hd = head_dim_of(self.config)
         return [make_kv_cache(num_blocks, block_size, self.num_local_kv_heads, hd, self.dtype, device)
                 for _ in range(self.num_local_layers)]

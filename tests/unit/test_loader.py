@@ -25,7 +25,7 @@ def _prefill_logits(model, ids: list[int], block_size: int = 16) -> torch.Tensor
     """All-position logits of one fresh prompt."""
     n = len(ids)
     kv = model.make_kv_caches(-(-n // block_size), block_size, "cpu")
-    md = AttentionMetadata.build([n], [n], [list(range(len(kv[0][0])))], block_size, "cpu")
+    md = AttentionMetadata.build([n], [n], [list(range(kv[0].shape[0]))], block_size, "cpu")
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(ids), torch.arange(n), kv, md))
 

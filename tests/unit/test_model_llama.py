@@ -144,7 +144,7 @@ def test_kv_cache_shapes_and_bytes():
     model = get_model_class(cfg)(cfg, torch.float32)
     caches = model.make_kv_caches(num_blocks=5, block_size=4, device="cpu")
     assert len(caches) == cfg.num_hidden_layers
-    assert caches[0].shape == (2, 5, 4, cfg.num_key_value_heads, 32)
+    assert caches[0].shape == (5, 4, 2, cfg.num_key_value_heads, 32)
     total = sum(c.numel() * c.element_size() for c in caches)
     assert model.kv_cache_bytes_per_block(4) * 5 == total
 

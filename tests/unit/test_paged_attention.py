@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from distinfer.model.attention import paged
 from distinfer.model.attention.paged import (
     AttentionMetadata,
     get_attention_backend,
@@ -35,12 +36,16 @@ def test_slot_mapping_follows_block_tables():
 def test_decode_rows_index_and_mask():
     md = AttentionMetadata.build([1, 4, 1], [3, 4, 6], [[0], [1], [2, 3]], block_size=4, device="cpu")
     assert md.decode_rows.tolist() == [0, 5]
-    assert md.decode_kv_len == 6 and md.decode_num_blocks == 2
-    assert md.decode_block_ids.tolist() == [0, 0, 2, 3]  # padded with block 0, masked out
-    valid = md.decode_mask[:, 0, 0] == 0
+    [chunk] = md.decode_chunks(max_rows=8)
+    assert (chunk.start, chunk.end, chunk.kv_len) == (0, 2, 6)
+    assert chunk.block_ids.tolist() == [0, 0, 2, 3]  # padded with block 0, masked out
+    valid = chunk.mask[:, 0, 0] == 0
     assert valid.tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    first, second = md.decode_chunks(max_rows=1)  # per-row chunks need no padding
+    assert (first.kv_len, first.block_ids.tolist(), first.mask) == (3, [0], None)
+    assert (second.kv_len, second.block_ids.tolist(), second.mask) == (6, [2, 3], None)
     same = AttentionMetadata.build([1, 1], [5, 5], [[0, 1], [2, 3]], block_size=4, device="cpu")
-    assert same.decode_mask is None and same.is_pure_decode
+    assert same.decode_chunks(2)[0].mask is None and same.is_pure_decode
 
 
 @pytest.mark.parametrize("bad", [
@@ -68,13 +73,15 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (8, 1)])
-def test_backend_matches_dense_reference(dtype, tol, hq, hkv):
+@pytest.mark.parametrize("chunk_bytes", [paged.DECODE_CHUNK_BYTES, 1])  # 1: one decode row per chunk
+def test_backend_matches_dense_reference(dtype, tol, hq, hkv, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(paged, "DECODE_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     d, bs, nblocks, scale = 16, 4, 40, 0.3
     query_lens = [1, 6, 1, 9, 3, 1]
     seq_lens = [7, 10, 13, 9, 3, 1]  # decode, chunked prefill, decode, fresh, fresh, decode of a 1-token prompt
     tables = _tables(seq_lens, bs, nblocks, seed=1)
-    kv = make_kv_cache(nblocks, bs, hkv, d, dtype, "cpu")
+    cache = make_kv_cache(nblocks, bs, hkv, d, dtype, "cpu")
     full_k = [torch.randn(s, hkv, d, dtype=dtype) for s in seq_lens]
     full_v = [torch.randn(s, hkv, d, dtype=dtype) for s in seq_lens]
     # the cached prefix (positions before this step's tokens) is already in the cache
@@ -83,13 +90,13 @@ def test_backend_matches_dense_reference(dtype, tol, hq, hkv):
                                      [t for t, s, q in zip(tables, seq_lens, query_lens) if s > q], bs, "cpu")
     pk = [k[: s - q] for k, s, q in zip(full_k, seq_lens, query_lens) if s > q]
     pv = [v[: s - q] for v, s, q in zip(full_v, seq_lens, query_lens) if s > q]
-    write_kv(kv, torch.cat(pk), torch.cat(pv), prefix.slot_mapping)
+    write_kv(cache, torch.stack((torch.cat(pk), torch.cat(pv)), dim=1), prefix.slot_mapping)
 
     md = AttentionMetadata.build(query_lens, seq_lens, tables, bs, "cpu")
     q = torch.randn(sum(query_lens), hq, d, dtype=dtype)
     k = torch.cat([k[s - n:] for k, s, n in zip(full_k, seq_lens, query_lens)])
     v = torch.cat([v[s - n:] for v, s, n in zip(full_v, seq_lens, query_lens)])
-    out = get_attention_backend().forward(q, k, v, kv, md, scale)
+    out = get_attention_backend().forward(q, torch.stack((k, v), dim=1), cache, md, scale)
     assert out.shape == q.shape and out.dtype == dtype
     row = 0
     for i, (n, s) in enumerate(zip(query_lens, seq_lens)):
@@ -101,14 +108,16 @@ def test_backend_matches_dense_reference(dtype, tol, hq, hkv):
 def test_pure_decode_and_single_prefill_paths():
     torch.manual_seed(0)
     hq, hkv, d, bs = 4, 2, 8, 2
-    kv = make_kv_cache(16, bs, hkv, d, torch.float32, "cpu")
+    cache = make_kv_cache(16, bs, hkv, d, torch.float32, "cpu")
     k, v, q = torch.randn(5, hkv, d), torch.randn(5, hkv, d), torch.randn(5, hq, d)
+    kv = torch.stack((k, v), dim=1)
     backend = get_attention_backend("torch_sdpa")
-    prefill = backend.forward(q, k, v, kv, AttentionMetadata.build([5], [5], [[3, 9, 4]], bs, "cpu"), 0.5)
+    prefill = backend.forward(q, kv, cache, AttentionMetadata.build([5], [5], [[3, 9, 4]], bs, "cpu"), 0.5)
     torch.testing.assert_close(prefill, _naive(q, k, v, 0.5).float(), atol=1e-5, rtol=1e-5)
     # decode of the last position again, now reading every key from the cache
     md = AttentionMetadata.build([1], [5], [[3, 9, 4]], bs, "cpu")
-    dec = backend.forward(q[4:], k[4:], v[4:], kv, md, 0.5)
+    dec = backend.forward(q[4:], kv[4:], cache, md, 0.5)
+    assert torch.equal(cache[4, 0], kv[4])  # position 4 -> block 4 (third in the table), offset 0
     torch.testing.assert_close(dec, prefill[4:], atol=1e-5, rtol=1e-5)
 
 

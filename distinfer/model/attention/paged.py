@@ -1,13 +1,16 @@
 """Paged attention: KV cache in fixed-size blocks, plain-torch (SDPA) backend for CPU.
 
-KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+KV cache layout per layer: [num_blocks, block_size, 2, num_kv_heads, head_dim] (K then V per token),
+so one block is one contiguous chunk (`cache[block_ids]` moves whole blocks), a step's K/V land
+with one index_copy_ and a decode batch's context comes back with one index_select.
 Token p of a request lives in slot block_table[p // block_size] * block_size + p % block_size.
 
 `AttentionMetadata.build` precomputes every index tensor and mask once per step; each layer
 then only writes its new K/V into the slots and runs SDPA:
-  * decode rows (query_len == 1) together: one SDPA call over block-gathered, padded KV with an
-    additive length mask; the query heads sharing a KV head are folded into the query-length axis,
-    so GQA needs no KV expansion;
+  * decode rows (query_len == 1) batched: one SDPA call per chunk of rows over block-gathered,
+    padded KV with an additive length mask (chunks of a few MiB keep the gathered copy in cache;
+    a small batch is one chunk); the query heads sharing a KV head are folded into the
+    query-length axis, so GQA needs no KV expansion;
   * prefill rows one SDPA call each: causal on the fresh K/V when nothing is cached before them,
     else over the gathered context with a causal mask shifted by the cached prefix length.
 """
@@ -32,6 +35,21 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeChunk:
+    """Consecutive decode rows attended in one SDPA call."""
+
+    start: int  # index among the decode rows
+    end: int
+    block_ids: torch.Tensor  # [(end - start) * blocks per row], rows padded with block 0
+    kv_len: int  # keys attended: the longest row's context
+    mask: torch.Tensor | None  # additive float32 [rows, 1, 1, kv_len]; None when no row is padded
+
+
+# Gathered K/V per decode chunk: small enough to stay in L2/L3 between the gather and the SDPA.
+DECODE_CHUNK_BYTES = 3 << 20
+
+
+@dataclass
 class AttentionMetadata:
     num_tokens: int
     block_size: int
@@ -44,12 +62,11 @@ class AttentionMetadata:
     # decode rows (query_len == 1)
     num_decodes: int = 0
     decode_rows: slice | torch.Tensor | None = None  # token rows: a slice when contiguous
-    decode_block_ids: torch.Tensor | None = None  # [num_decodes * decode_num_blocks]
-    decode_num_blocks: int = 0
-    decode_kv_len: int = 0  # keys attended (max seq len of the decode rows)
-    decode_mask: torch.Tensor | None = None  # additive float32 [num_decodes, 1, 1, kv_len]; None if no padding
+    decode_seq_lens: list[int] = field(default_factory=list)
+    decode_tables: torch.Tensor | None = None  # [num_decodes, max blocks] on the CPU
     prefills: list[PrefillSeq] = field(default_factory=list)
-    _mask_cache: dict = field(default_factory=dict, repr=False)
+    device: torch.device | str = "cpu"
+    _cache: dict = field(default_factory=dict, repr=False)  # per-step derived tensors, shared by layers
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -71,7 +88,7 @@ class AttentionMetadata:
         md = cls(num_tokens=num_tokens, block_size=block_size, query_lens=list(query_lens),
                  seq_lens=list(seq_lens), slot_mapping=slots.to(device), block_tables=tables.to(device),
                  seq_lens_tensor=s.to(device=device, dtype=torch.int32),
-                 query_start_loc=qsl.to(device=device, dtype=torch.int32))
+                 query_start_loc=qsl.to(device=device, dtype=torch.int32), device=device)
         md._build_decodes(qsl.tolist(), tables, nblocks, device)
         md._build_prefills(qsl.tolist(), tables, nblocks, device)
         return md
@@ -83,14 +100,27 @@ class AttentionMetadata:
         rows = [qsl[i] for i in idx]
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self.decode_rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=device)
-        lens = [self.seq_lens[i] for i in idx]
-        self.num_decodes, self.decode_kv_len = len(idx), max(lens)
-        self.decode_num_blocks = max(nblocks[i] for i in idx)
-        sel = tables[torch.tensor(idx)][:, : self.decode_num_blocks]
-        self.decode_block_ids = sel.reshape(-1).to(device)
-        if min(lens) != max(lens):
-            valid = torch.arange(self.decode_kv_len)[None, :] < torch.tensor(lens)[:, None]
-            self.decode_mask = _additive(valid).view(len(idx), 1, 1, -1).to(device)
+        self.num_decodes = len(idx)
+        self.decode_seq_lens = [self.seq_lens[i] for i in idx]
+        self.decode_tables = tables[torch.tensor(idx)][:, : max(nblocks[i] for i in idx)]
+
+    def decode_chunks(self, max_rows: int) -> list[DecodeChunk]:
+        """The decode rows cut into chunks of at most `max_rows`; built once per step."""
+        key = ("chunks", max_rows)
+        if key not in self._cache:
+            n = self.num_decodes
+            self._cache[key] = [self._decode_chunk(a, min(a + max_rows, n)) for a in range(0, n, max_rows)]
+        return self._cache[key]
+
+    def _decode_chunk(self, start: int, end: int) -> DecodeChunk:
+        lens = self.decode_seq_lens[start:end]
+        kv_len = max(lens)
+        block_ids = self.decode_tables[start:end, : -(-kv_len // self.block_size)].reshape(-1)
+        mask = None
+        if min(lens) != kv_len:
+            valid = torch.arange(kv_len)[None, :] < torch.tensor(lens)[:, None]
+            mask = _additive(valid).view(end - start, 1, 1, kv_len).to(self.device)
+        return DecodeChunk(start, end, block_ids.to(self.device), kv_len, mask)
 
     def _build_prefills(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int], device) -> None:
         for i, (q, s) in enumerate(zip(self.query_lens, self.seq_lens)):
@@ -108,9 +138,9 @@ class AttentionMetadata:
         if mask.dtype == dtype:
             return mask
         key = (id(mask), dtype)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = mask.to(dtype)
-        return self._mask_cache[key]
+        if key not in self._cache:
+            self._cache[key] = mask.to(dtype)
+        return self._cache[key]
 
     @property
     def is_pure_decode(self) -> bool:
@@ -132,20 +162,19 @@ def _validate(query_lens: list[int], seq_lens: list[int], block_tables: list[lis
             raise ValueError(f"request {i}: {len(bt)} blocks of {block_size} cannot hold {s} tokens")
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the step's K/V [T, Hkv, D] into their slots."""
-    _, nb, bs, h, d = kv_cache.shape
-    kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the step's K/V [T, 2, Hkv, D] into their slots."""
+    nb, bs, _, h, d = kv_cache.shape
+    kv_cache.view(nb * bs, 2, h, d).index_copy_(0, slot_mapping, kv)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of `batch` rows of equally many blocks: each [batch, nblocks * block_size, Hkv, D]."""
-    _, nb, _, h, d = kv_cache.shape
-    # index_select over 2-D rows (one row = one block) is a plain memcpy per block: ~4x faster than 4-D
-    k = kv_cache[0].view(nb, -1).index_select(0, block_ids).view(batch, -1, h, d)
-    v = kv_cache[1].view(nb, -1).index_select(0, block_ids).view(batch, -1, h, d)
-    return k, v
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, batch: int, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [batch, Hkv, length, D] (strided views) of `batch` rows of equally many blocks."""
+    nb, _, _, h, d = kv_cache.shape
+    # index_select over 2-D rows (one row = one block) is a plain memcpy per block: ~4x faster than 5-D
+    kv = kv_cache.view(nb, -1).index_select(0, block_ids).view(batch, -1, 2, h, d)[:, :length]
+    return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
 
 class AttentionBackend(abc.ABC):
@@ -154,21 +183,21 @@ class AttentionBackend(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]."""
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q [T, Hq, D] and kv [T, 2, Hkv, D] of this step's tokens -> [T, Hq, D]."""
 
 
 class TorchSDPABackend(AttentionBackend):
     name = "torch_sdpa"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(kv_cache, k, v, md.slot_mapping)
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        write_kv(kv_cache, kv, md.slot_mapping)
         if md.is_pure_decode:
             return self._decode(q, kv_cache, md, scale)
         if md.num_decodes == 0 and len(md.prefills) == 1:
-            return self._prefill(q, k, v, kv_cache, md, md.prefills[0], scale)
+            return self._prefill(q, kv, kv_cache, md, md.prefills[0], scale)
         out = torch.empty_like(q)
         if md.num_decodes:
             rows = md.decode_rows
@@ -177,7 +206,7 @@ class TorchSDPABackend(AttentionBackend):
             else:
                 out.index_copy_(0, rows, self._decode(q.index_select(0, rows), kv_cache, md, scale))
         for p in md.prefills:
-            out[p.start:p.end] = self._prefill(q, k, v, kv_cache, md, p, scale)
+            out[p.start:p.end] = self._prefill(q, kv, kv_cache, md, p, scale)
         return out
 
     @staticmethod
@@ -185,27 +214,34 @@ class TorchSDPABackend(AttentionBackend):
         """q [B, Hq, D] of the decode rows -> [B, Hq, D]."""
         b, hq, d = q.shape
         hkv = kv_cache.shape[3]
-        k, v = gather_kv(kv_cache, md.decode_block_ids, b)
-        L = md.decode_kv_len
-        k, v = k[:, :L].transpose(1, 2), v[:, :L].transpose(1, 2)  # [B, Hkv, L, D]
         qg = q.reshape(b, hkv, hq // hkv, d)  # the heads sharing a KV head act as query rows
-        mask = None if md.decode_mask is None else md.mask_as(md.decode_mask, q.dtype)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-        return out.reshape(b, hq, d)
+        row_bytes = md.decode_tables.shape[1] * kv_cache[0].numel() * kv_cache.element_size()
+        chunks = md.decode_chunks(max(1, DECODE_CHUNK_BYTES // row_bytes))
+        if len(chunks) == 1:
+            return TorchSDPABackend._decode_chunk(qg, kv_cache, md, chunks[0], scale).reshape(b, hq, d)
+        out = torch.empty_like(qg)
+        for c in chunks:
+            out[c.start:c.end] = TorchSDPABackend._decode_chunk(qg[c.start:c.end], kv_cache, md, c, scale)
+        return out.view(b, hq, d)
 
     @staticmethod
-    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 md: AttentionMetadata, p: PrefillSeq, scale: float) -> torch.Tensor:
+    def _decode_chunk(qg: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, c: DecodeChunk,
+                      scale: float) -> torch.Tensor:
+        k, v = gather_kv(kv_cache, c.block_ids, c.end - c.start, c.kv_len)
+        mask = None if c.mask is None else md.mask_as(c.mask, qg.dtype)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+
+    @staticmethod
+    def _prefill(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                 p: PrefillSeq, scale: float) -> torch.Tensor:
         """One prefill row's queries q[p.start:p.end] -> [q_len, Hq, D]."""
         qi = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if p.block_ids is None:
-            ki = k[p.start:p.end].transpose(0, 1).unsqueeze(0)
-            vi = v[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            ki = kv[p.start:p.end, 0].transpose(0, 1).unsqueeze(0)
+            vi = kv[p.start:p.end, 1].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kc, vc = gather_kv(kv_cache, p.block_ids, 1)
-            ki = kc[0, : p.context_len].transpose(0, 1).unsqueeze(0)
-            vi = vc[0, : p.context_len].transpose(0, 1).unsqueeze(0)
+            ki, vi = gather_kv(kv_cache, p.block_ids, 1, p.context_len)
             mask = md.mask_as(p.mask, q.dtype)
             out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
@@ -222,5 +258,6 @@ def get_attention_backend(name: str = "torch_sdpa") -> AttentionBackend:
 
 def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """One layer's cache, zero-filled so padded (masked) slots never hold NaN."""
-    return torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    """One layer's cache [num_blocks, block_size, 2, Hkv, D], zero-filled so padded (masked) slots
+    never hold NaN."""
+    return torch.zeros(num_blocks, block_size, 2, num_kv_heads, head_dim, dtype=dtype, device=device)

@@ -7,7 +7,7 @@ from torch import nn
 
 from distinfer.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from distinfer.distributed.parallel_state import get_tp_rank, get_tp_world_size
-from distinfer.model.layers.weight_utils import Loaded, copy_into, loaded_shape, narrow, set_weight_loader
+from distinfer.model.layers.weight_utils import Loaded, copy_into, narrow_checked, set_weight_loader
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -27,9 +27,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: torch.Tensor, loaded: Loaded, shard_id: object = None) -> None:
         rows = self.vocab_end - self.vocab_start
-        if loaded_shape(loaded)[0] != self.num_embeddings:
-            raise ValueError(f"embedding has {loaded_shape(loaded)[0]} rows, expected vocab {self.num_embeddings}")
-        copy_into(param.data[:rows], narrow(loaded, 0, self.vocab_start, rows))
+        copy_into(param.data[:rows], narrow_checked(loaded, 0, self.num_embeddings, self.vocab_start, rows))
         param.data[rows:].zero_()  # padding rows of the last shard
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from distinfer.model.layers.weight_utils import (
     Loaded,
     copy_into,
     default_weight_loader,
-    narrow,
+    narrow_checked,
     set_weight_loader,
     shard_range,
 )
@@ -48,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: torch.Tensor, loaded: Loaded, shard_id: object = None) -> None:
         size = param.shape[0]
-        copy_into(param, narrow(loaded, 0, self.tp_rank * size, size))
+        copy_into(param, narrow_checked(loaded, 0, self.output_size, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -75,13 +75,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # an already fused checkpoint tensor: split it by the full sizes
             offset = 0
             for i, size in enumerate(self.output_sizes):
-                self.weight_loader(param, narrow(loaded, 0, offset, size), i)
+                self.weight_loader(param, narrow_checked(loaded, 0, self.output_size, offset, size), i)
                 offset += size
             return
         idx = int(shard_id)  # type: ignore[call-overload]
         start, size = shard_range(self.output_sizes[idx], self.tp_rank, self.tp_size)
         offset = sum(s // self.tp_size for s in self.output_sizes[:idx])
-        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, start, size))
+        copy_into(param.data.narrow(0, offset, size), narrow_checked(loaded, 0, self.output_sizes[idx], start, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -117,17 +117,19 @@ class QKVParallelLinear(ColumnParallelLinear):
             q_total = self.total_num_heads * self.head_size
             kv_total = self.total_num_kv_heads * self.head_size
             for sid, off, size in (("q", 0, q_total), ("k", q_total, kv_total), ("v", q_total + kv_total, kv_total)):
-                self.weight_loader(param, narrow(loaded, 0, off, size), sid)
+                self.weight_loader(param, narrow_checked(loaded, 0, self.output_size, off, size), sid)
             return
         if shard_id == "q":
             dst_off, size, src_start = 0, self.q_size, self.tp_rank * self.q_size
+            full = self.total_num_heads * self.head_size
         elif shard_id in ("k", "v"):
             kv_rank = self.tp_rank // self.kv_replicas
             dst_off = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size, src_start = self.kv_size, kv_rank * self.kv_size
+            full = self.total_num_kv_heads * self.head_size
         else:
             raise ValueError(f"unknown qkv shard id {shard_id!r}")
-        copy_into(param.data.narrow(0, dst_off, size), narrow(loaded, 0, src_start, size))
+        copy_into(param.data.narrow(0, dst_off, size), narrow_checked(loaded, 0, full, src_start, size))
 
 
 class RowParallelLinear(nn.Module):
@@ -148,7 +150,7 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: torch.Tensor, loaded: Loaded, shard_id: object = None) -> None:
         size = param.shape[1]
-        copy_into(param, narrow(loaded, 1, self.tp_rank * size, size))
+        copy_into(param, narrow_checked(loaded, 1, self.input_size, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

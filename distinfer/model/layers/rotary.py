@@ -36,7 +36,7 @@ class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (rotate_half), as in transformers' Llama.
 
     `cos_sin(positions)` is computed once per forward and shared by every layer; `forward`
-    rotates q and k together when they are adjacent heads of one tensor."""
+    rotates q and k together, in place, when they are adjacent heads of one tensor."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int) -> None:
         super().__init__()
@@ -59,7 +59,7 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] -> x*cos + rotate_half(x)*sin (new tensor)."""
+        """In place: x [T, H, D] (may be a strided view) <- x*cos + rotate_half(x)*sin; returns x."""
         t, h, d = x.shape
-        swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)  # [x2, x1]
-        return torch.addcmul(x * cos, swapped, sin)
+        swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)  # [x2, x1], a copy
+        return x.mul_(cos).addcmul_(swapped, sin)

@@ -34,6 +34,14 @@ def narrow(loaded: Loaded, dim: int, start: int, length: int) -> Loaded:
     return loaded[index]
 
 
+def narrow_checked(loaded: Loaded, dim: int, full: int, start: int, length: int) -> Loaded:
+    """`narrow`, after checking the checkpoint tensor has the full (unsharded) size `full` on `dim`."""
+    shape = loaded_shape(loaded)
+    if shape[dim] != full:
+        raise ValueError(f"checkpoint tensor of shape {shape} has {shape[dim]} on dim {dim}, expected {full}")
+    return narrow(loaded, dim, start, length)
+
+
 def materialize(loaded: Loaded) -> torch.Tensor:
     if isinstance(loaded, torch.Tensor):
         return loaded
