@@ -9,6 +9,7 @@ import argparse
 import inspect
 import json
 import logging
+import re
 
 import pytest
 
@@ -16,7 +17,7 @@ from distinfer import LLM, SamplingParams
 from tests.conftest import hf_greedy
 
 MAX_NEW_TOKENS = 24
-LONG_DOC = inspect.getdoc(argparse) + "\n\n" + inspect.getdoc(json) + "\n\n" + inspect.getdoc(logging)
+LONG_DOC = "\n\n".join(inspect.getdoc(module) for module in (argparse, json, logging, re))
 SHORT_PROMPTS = [
     "Hi",
     "The capital of France is",
@@ -35,7 +36,7 @@ def _long_prompts(tokenizer) -> list[str]:
     """Prompts from ~200 to over 1,500 tokens; the last three share a long prefix."""
     words = LONG_DOC.split()
     prompts = [" ".join(words[:150]) + "\nSummary:", " ".join(words[:600]) + "\nIn short,"]
-    prefix = " ".join(words[:1100])
+    prefix = " ".join(words[:800])
     prompts += [prefix + f"\nQuestion {i}: what does this describe?\nAnswer:" for i in range(4)]
     assert max(len(tokenizer.encode(p)) for p in prompts) > 1500
     return prompts
