@@ -6,7 +6,9 @@ When blocks run out a running request is preempted (recompute: blocks freed, pro
 The output is a diff against what the workers already hold (see messages.SchedulerOutput).
 
 Invariants:
-- num_computed_tokens only advances in update_from_output (one step in flight at a time).
+- num_computed_tokens only advances in update_from_output. Several steps may be in flight
+  (pipeline parallel) over disjoint request sets: a request scheduled in a step that has not been
+  updated yet is neither scheduled again nor preempted (its blocks are being written).
 - A request preempted in a step is not scheduled again in that step.
 - Finished requests leave `requests`, `waiting` and `running` and free their blocks at once;
   their ids reach the workers in the next SchedulerOutput.finished_req_ids.
@@ -75,6 +77,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # WAITING and PREEMPTED, in policy order
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()  # to report in the next SchedulerOutput
+        self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue
@@ -151,8 +154,8 @@ class Scheduler:
         for request in list(self.running):
             if step.budget <= 0:
                 break
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if request.status != RequestStatus.RUNNING or request.request_id in self._in_flight:
+                continue  # preempted earlier in this step, or its previous step is still running
             num_new = self._num_new_tokens(request, step.budget)
             if num_new <= 0:
                 continue
@@ -167,7 +170,9 @@ class Scheduler:
             new_block_ids = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new)
             if new_block_ids is not None:
                 return new_block_ids
-            victim = self.policy.pick_victim(self.running)
+            victim = self._pick_victim()
+            if victim is None:
+                return None
             self._preempt(victim, step)
             if victim is request:
                 return None
@@ -220,13 +225,15 @@ class Scheduler:
 
     def _preempt_for(self, request: Request, step: _StepState) -> bool:
         """Preempt one running request the policy lets `request` displace; False if none."""
-        if not self.running:
-            return False
-        victim = self.policy.pick_victim(self.running)
-        if not self.policy.may_preempt_for(request, victim):
+        victim = self._pick_victim()
+        if victim is None or not self.policy.may_preempt_for(request, victim):
             return False
         self._preempt(victim, step)
         return True
+
+    def _pick_victim(self) -> Request | None:
+        candidates = [r for r in self.running if r.request_id not in self._in_flight]
+        return self.policy.pick_victim(candidates) if candidates else None
 
     def _preempt(self, victim: Request, step: _StepState) -> None:
         """Recompute preemption: free the blocks, reset progress, back to the waiting front."""
@@ -257,6 +264,7 @@ class Scheduler:
                 cached_reqs.append(CachedRequestData(
                     request_id, request.tokens_since_sync(), block_ids, request.num_computed_tokens, resumed))
             request.num_synced_tokens = request.num_tokens
+        self._in_flight.update(step.num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
         preempted = {rid for rid in step.preempted if self.requests[rid].known_to_workers}
         return SchedulerOutput(
@@ -272,6 +280,7 @@ class Scheduler:
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        self._in_flight.difference_update(scheduler_output.num_scheduled_tokens)
         index = {request_id: i for i, request_id in enumerate(model_runner_output.req_ids)}
         outputs: list[EngineCoreOutput] = []
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():

@@ -360,3 +360,28 @@ def test_random_workload_keeps_invariants_and_frees_everything(policy):
     assert sched.kv.num_free_blocks == 12 and all(b.ref_cnt == 0 for b in sched.kv.pool.blocks)
     stats = sched.get_stats()
     assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0  # both paths exercised
+
+
+def _fake_output(sched, so):
+    req_ids = list(so.num_scheduled_tokens)
+    sampled = [[TOKEN] if sched.requests[r].num_computed_tokens + n == sched.requests[r].num_tokens else []
+               for r, n in so.num_scheduled_tokens.items()]
+    return ModelRunnerOutput(req_ids, sampled)
+
+
+def test_steps_in_flight_schedule_disjoint_requests_and_never_preempt_in_flight():
+    """Pipeline parallel keeps several steps in flight: each request is in at most one of them."""
+    sched = make_sched(num_blocks=8, max_model_len=16, max_num_seqs=4)
+    for rid in "abcd":
+        sched.add_request(make_req(rid, prompt_len=3))
+    first = sched.schedule()
+    second = sched.schedule()
+    assert set(first.num_scheduled_tokens) == set("abcd") and second.is_empty
+    sched.update_from_output(first, _fake_output(sched, first))
+    third = sched.schedule()
+    assert set(third.num_scheduled_tokens) == set("abcd")
+    # While `third` is in flight, a newcomer that needs blocks cannot evict an in-flight request.
+    sched.add_request(make_req("e", prompt_len=12))
+    fourth = sched.schedule()
+    assert not fourth.preempted_req_ids and set(fourth.num_scheduled_tokens) <= {"e"}
+    assert all(sched.requests[r].status == RequestStatus.RUNNING for r in "abcd")
