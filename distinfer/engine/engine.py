@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from collections import deque
+from typing import Callable, Iterable
 
 from distinfer.config import DistInferConfig
 from distinfer.engine.input_processor import InputProcessor, ModelLimits, PromptType
@@ -15,7 +16,7 @@ from distinfer.engine.output_processor import OutputProcessor, RequestOutputKind
 from distinfer.engine.request import Request
 from distinfer.engine.scheduler import Scheduler
 from distinfer.executor.base import Executor
-from distinfer.messages import EngineRequest, EngineStats, FinishReason, RequestOutput
+from distinfer.messages import EngineRequest, EngineStats, FinishReason, ModelRunnerOutput, RequestOutput, SchedulerOutput
 from distinfer.model.loader import load_hf_config, load_tokenizer
 from distinfer.sampling_params import SamplingParams
 
@@ -24,10 +25,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepStats:
-    """Wall time of the last step, split for benchmarks (seconds)."""
+    """Wall time of the last step, split for benchmarks (seconds). `launch` covers scheduling and
+    starting steps (in-process executors run the model there); `wait` the wait for the oldest one."""
 
-    schedule: float = 0.0
-    execute: float = 0.0
+    launch: float = 0.0
+    wait: float = 0.0
     update: float = 0.0
     num_tokens: int = 0
 
@@ -65,6 +67,7 @@ class LLMEngine:
         self.executor.initialize_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
         self.last_step = StepStats()
+        self._in_flight: deque[tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]]] = deque()
         logger.info("engine ready: %d KV blocks, max_model_len %d", num_blocks, self.max_model_len)
 
     # ------------------------------------------------------------ requests
@@ -96,7 +99,8 @@ class LLMEngine:
         self.scheduler.finish_requests(internal_ids, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+        return (self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+                or bool(self._in_flight))
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests()
@@ -107,10 +111,12 @@ class LLMEngine:
     # ------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
+        """Keep up to `max_concurrent_batches` steps in flight (pipeline stages), finish the oldest."""
         t0 = time.perf_counter()
-        scheduler_output = self.scheduler.schedule()
+        self._fill_pipeline()
         t1 = time.perf_counter()
-        runner_output = self.executor.execute_model(scheduler_output)
+        scheduler_output, wait = self._in_flight.popleft()
+        runner_output = wait()
         t2 = time.perf_counter()
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         processed = self.output_processor.process_outputs(core_outputs)
@@ -119,6 +125,15 @@ class LLMEngine:
             self.scheduler.finish_requests(processed.reqs_to_abort, FinishReason.STOP)
         self.last_step = StepStats(t1 - t0, t2 - t1, time.perf_counter() - t2, scheduler_output.total_num_scheduled_tokens)
         return processed.request_outputs
+
+    def _fill_pipeline(self) -> None:
+        while len(self._in_flight) < self.executor.max_concurrent_batches:
+            scheduler_output = self.scheduler.schedule()
+            if self._in_flight and scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+                return  # nothing new to start; the workers need no empty step
+            self._in_flight.append((scheduler_output, self.executor.submit(scheduler_output)))
+            if scheduler_output.is_empty:
+                return
 
     def shutdown(self) -> None:
         self.executor.shutdown()

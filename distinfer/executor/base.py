@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 from distinfer.config import DistInferConfig
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
@@ -42,6 +43,16 @@ class Executor(ABC):
 
     @abstractmethod
     def shutdown(self) -> None: ...
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Steps the engine may keep in flight (pipeline stages)."""
+        return 1
+
+    def submit(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Start a step; the returned callable waits for its output. In-process: runs it now."""
+        output = self.execute_model(scheduler_output)
+        return lambda: output
 
     def check_health(self) -> None:
         """Raise EngineDeadError when a rank is gone."""
