@@ -86,6 +86,7 @@ def convert_gguf(gguf_path: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         _write_hf_dir(gguf, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep its directory
