@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,15 +73,18 @@ def init_distributed_environment(
     init_method: str = "env://",
     backend: str | None = None,
     local_rank: int = 0,
+    timeout_s: float = 120.0,
 ) -> None:
-    """Initialize the default torch.distributed group if it is not already up."""
+    """Initialize the default torch.distributed group if it is not already up. `timeout_s` bounds
+    every collective, so a dead peer ends in an error instead of a hang."""
     if dist.is_initialized():
         return
     backend = backend or default_backend("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     logger.info("init torch.distributed: backend=%s rank=%d/%d", backend, rank, world_size)
-    dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank)
+    dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _make_groups(name: str, all_ranks: list[list[int]], backend: str | None) -> GroupCoordinator:

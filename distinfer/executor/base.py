@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from importlib import import_module
 from typing import Callable
 
 from distinfer.config import DistInferConfig
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+
+
+_BACKEND_MODULES = {"uni": "distinfer.executor.local", "ray": "distinfer.executor.ray"}
 
 
 class EngineDeadError(RuntimeError):
@@ -28,6 +32,8 @@ class Executor(ABC):
     def create(cls, config: DistInferConfig, backend: str | None = None) -> "Executor":
         """`uni` runs in-process for world size 1; `ray` otherwise."""
         backend = backend or ("uni" if config.parallel.world_size == 1 else "ray")
+        if backend in _BACKEND_MODULES:
+            import_module(_BACKEND_MODULES[backend])  # registers the class; keeps Ray out of `uni` runs
         if backend not in cls._registry:
             raise ValueError(f"distributed_executor_backend must be one of {sorted(cls._registry)}, got {backend!r}")
         return cls._registry[backend](config)

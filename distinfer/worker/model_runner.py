@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from distinfer.config import DistInferConfig
+from distinfer.distributed.comm import pp_recv, pp_send, take_collective_seconds
+from distinfer.distributed.parallel_state import get_pp_group, get_tp_rank
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 from distinfer.model.attention.paged import AttentionMetadata
 from distinfer.model.loader import load_hf_config, load_model
@@ -22,8 +24,9 @@ class StepTimings:
     """Seconds spent in the last step, for benchmarks."""
 
     prepare: float = 0.0
-    forward: float = 0.0
+    forward: float = 0.0  # includes collective below
     sample: float = 0.0
+    collective: float = 0.0  # all-reduce/all-gather/send/recv inside this step
 
 
 class ModelRunner:
@@ -37,6 +40,9 @@ class ModelRunner:
         self.batch = InputBatch()
         self.sampler = Sampler(seed=config.model.seed)
         self.timings = StepTimings()
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.samples = self.is_last_stage and get_tp_rank() == 0  # the rank whose output is returned
 
     def load_model(self) -> None:
         started = time.perf_counter()
@@ -63,11 +69,26 @@ class ModelRunner:
         inputs = self.batch.prepare(scheduler_output)
         input_ids, positions, attn_metadata = self._to_tensors(inputs)
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, attn_metadata)
+        take_collective_seconds()
+        hidden = self._forward_stage(input_ids, positions, attn_metadata)
         t2 = time.perf_counter()
-        output = self._sample(inputs, hidden)
-        self.timings = StepTimings(prepare=t1 - t0, forward=t2 - t1, sample=time.perf_counter() - t2)
+        output = self._sample(inputs, hidden) if self.is_last_stage else self._empty_output(inputs)
+        self.timings = StepTimings(t1 - t0, t2 - t1, time.perf_counter() - t2, take_collective_seconds())
         return output
+
+    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata):
+        """This pipeline stage's layers: receive the previous stage's tensors, send ours on."""
+        intermediate = None
+        if not self.is_first_stage:
+            shape = (input_ids.shape[0], self.hf_config.hidden_size)
+            dtype = self.config.model.torch_dtype
+            intermediate = {name: pp_recv(shape, dtype, self.device) for name in ("hidden_states", "residual")}
+        result = self.model(input_ids, positions, self.kv_caches, attn_metadata, intermediate)
+        if not self.is_last_stage:
+            for name in ("hidden_states", "residual"):
+                pp_send(result[name])
+            return None
+        return result
 
     def _to_tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=self.device)
@@ -77,17 +98,26 @@ class ModelRunner:
         )
         return input_ids, positions, attn_metadata
 
+    @staticmethod
+    def _empty_output(inputs: StepInputs) -> ModelRunnerOutput:
+        return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=[[] for _ in inputs.req_ids])
+
     def _sample(self, inputs: StepInputs, hidden: torch.Tensor) -> ModelRunnerOutput:
+        """Logits on every last-stage rank (the vocab all-gather is a collective); only the
+        output rank samples, since workers learn tokens from the scheduler, not from themselves."""
+        if not inputs.sample_rows:
+            return self._empty_output(inputs)
+        ends = torch.tensor(inputs.query_lens, device=self.device).cumsum(0) - 1
+        last_token_index = ends[torch.tensor(inputs.sample_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden[last_token_index])
+        if not self.samples:
+            return self._empty_output(inputs)
+        rows = [self.batch.states[inputs.req_ids[i]].sampling_row() for i in inputs.sample_rows]
+        token_ids, row_logprobs = self.sampler(logits, rows)
         sampled: list[list[int]] = [[] for _ in inputs.req_ids]
         logprobs: list = [None] * len(inputs.req_ids)
-        if inputs.sample_rows:
-            ends = torch.tensor(inputs.query_lens, device=self.device).cumsum(0) - 1
-            last_token_index = ends[torch.tensor(inputs.sample_rows, device=self.device)]
-            logits = self.model.compute_logits(hidden[last_token_index])
-            rows = [self.batch.states[inputs.req_ids[i]].sampling_row() for i in inputs.sample_rows]
-            token_ids, row_logprobs = self.sampler(logits, rows)
-            for batch_index, token_id, lp in zip(inputs.sample_rows, token_ids, row_logprobs):
-                sampled[batch_index] = [token_id]
-                logprobs[batch_index] = None if lp is None else [lp]
+        for batch_index, token_id, lp in zip(inputs.sample_rows, token_ids, row_logprobs):
+            sampled[batch_index] = [token_id]
+            logprobs[batch_index] = None if lp is None else [lp]
         has_logprobs = any(lp is not None for lp in logprobs)
         return ModelRunnerOutput(inputs.req_ids, sampled, logprobs if has_logprobs else None)

@@ -6,6 +6,7 @@ import logging
 import torch
 
 from distinfer.config import DistInferConfig
+from distinfer.distributed import parallel_state
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 from distinfer.worker.model_runner import ModelRunner, StepTimings
 
@@ -18,6 +19,22 @@ class Worker:
         self.rank = rank
         self.device = torch.device(config.model.device)
         self.runner: ModelRunner | None = None
+
+    def init_distributed(self, init_method: str, timeout_s: float = 120.0) -> None:
+        """Join the instance's torch.distributed world (gloo on CPU, nccl on CUDA) and build TP/PP groups."""
+        parallel = self.config.parallel
+        backend = parallel_state.default_backend(self.device)
+        parallel_state.init_distributed_environment(
+            parallel.world_size, self.rank, init_method, backend, timeout_s=timeout_s
+        )
+        parallel_state.initialize_model_parallel(
+            parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.sequence_parallel_size, backend
+        )
+
+    def output_rank(self) -> int:
+        """Global rank whose ModelRunnerOutput the executor returns: last PP stage, first TP/SP rank."""
+        parallel = self.config.parallel
+        return (parallel.pipeline_parallel_size - 1) * parallel.sequence_parallel_size * parallel.tensor_parallel_size
 
     def init_device(self) -> None:
         if self.device.type == "cuda":

@@ -1,0 +1,183 @@
+"""RayExecutor: a placement group with one bundle per rank and one Worker actor per rank.
+
+Every step the same SchedulerOutput diff goes to every rank; the output comes back from the
+rank that samples (last pipeline stage, tensor-parallel rank 0). Worker death is detected by
+waiting on every rank's reply, so a dead actor surfaces within seconds as EngineDeadError
+instead of a hang on a collective.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distinfer.config import DistInferConfig
+from distinfer.executor.base import EngineDeadError, Executor
+from distinfer.executor.ray_worker import RayWorker
+from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+from distinfer.worker.model_runner import StepTimings
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 60.0
+INIT_TIMEOUT_S = 600.0
+STEP_TIMEOUT_S = 300.0
+
+
+@dataclass
+class ControlTimings:
+    """Driver-side view of the last step: total wall time and the slowest rank's own work."""
+
+    wall: float = 0.0
+    worker_compute: float = 0.0
+    worker_collective: float = 0.0
+
+    @property
+    def control_overhead(self) -> float:
+        return max(0.0, self.wall - self.worker_compute - self.worker_collective)
+
+
+def ensure_ray(world_size: int, address: str | None = None) -> None:
+    """Connect to a running cluster (`address`/RAY_ADDRESS) or start a local Ray with a CPU per rank."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    num_cpus = max(os.cpu_count() or 1, world_size + 1)
+    # A local instance stays on loopback: nothing of ours listens on other interfaces.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(self, config: DistInferConfig, ray_address: str | None = None) -> None:
+        super().__init__(config)
+        self.world_size = config.parallel.world_size
+        self.last_control = ControlTimings()
+        self._dead: EngineDeadError | None = None
+        ensure_ray(self.world_size, ray_address)
+        self.placement_group = self._create_placement_group()
+        self.workers = self._create_workers()
+        try:
+            self._init_workers()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------ start-up
+
+    def _bundle(self) -> dict[str, float]:
+        return {"GPU": 1.0, "CPU": 1.0} if self.config.model.device.startswith("cuda") else {"CPU": 1.0}
+
+    def _create_placement_group(self):
+        pg = placement_group([self._bundle() for _ in range(self.world_size)], strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except Exception as exc:
+            remove_placement_group(pg)
+            raise RuntimeError(f"could not place {self.world_size} workers ({self._bundle()} each): {exc}") from exc
+        return pg
+
+    def _create_workers(self) -> list[Any]:
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        actor_cls = ray.remote(RayWorker)
+        workers = []
+        for rank in range(self.world_size):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement_group, placement_group_bundle_index=rank)
+            # One call at a time, in submission order: every rank must see steps in the same order.
+            options = dict(scheduling_strategy=strategy, num_cpus=1, max_concurrency=1)
+            if "GPU" in self._bundle():
+                options["num_gpus"] = 1
+            workers.append(actor_cls.options(**options).remote(self.config, rank, threads))
+        return workers
+
+    def _init_workers(self) -> None:
+        host, port = ray.get(self.workers[0].free_address.remote(), timeout=INIT_TIMEOUT_S)
+        init_method = f"tcp://{host}:{port}"
+        self._call_all("init_distributed", init_method, timeout=INIT_TIMEOUT_S)
+        self._call_all("load_model", timeout=INIT_TIMEOUT_S)
+        self.output_rank = ray.get(self.workers[0].output_rank.remote())
+
+    # ------------------------------------------------------------ calls
+
+    def _call_all(self, method: str, *args: Any, timeout: float = STEP_TIMEOUT_S) -> list[Any]:
+        """Call `method` on every rank; raise EngineDeadError as soon as any rank fails or dies."""
+        return self._wait_all(self._launch(method, *args), method, timeout)
+
+    def _launch(self, method: str, *args: Any) -> list[Any]:
+        if self._dead is not None:
+            raise self._dead
+        return [getattr(w, method).remote(*args) for w in self.workers]
+
+    def _wait_all(self, refs: list[Any], method: str, timeout: float) -> list[Any]:
+        results: dict[Any, Any] = {}
+        deadline = time.monotonic() + timeout
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self._mark_dead(f"{method} timed out after {timeout:.0f} s")
+            for ref in ready:
+                try:
+                    results[ref] = ray.get(ref)
+                except Exception as exc:  # actor died or raised: the instance cannot continue
+                    self._mark_dead(f"worker failed in {method}: {type(exc).__name__}: {exc}")
+        return [results[r] for r in refs]
+
+    def _mark_dead(self, reason: str) -> None:
+        self._dead = EngineDeadError(f"engine is dead: {reason}")
+        logger.error("%s", reason)
+        raise self._dead
+
+    def determine_num_blocks(self) -> int:
+        return min(self._call_all("determine_num_blocks", timeout=INIT_TIMEOUT_S))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call_all("initialize_kv_cache", num_blocks, timeout=INIT_TIMEOUT_S)
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.config.parallel.pipeline_parallel_size
+
+    def submit(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Send the step to every rank now; the returned callable waits for all of them."""
+        start = time.perf_counter()
+        refs = self._launch("execute_model", scheduler_output)
+        return lambda: self._collect(refs, start)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.submit(scheduler_output)()
+
+    def _collect(self, refs: list[Any], start: float) -> ModelRunnerOutput:
+        replies = self._wait_all(refs, "execute_model", STEP_TIMEOUT_S)
+        timings: list[StepTimings] = [t for _, t in replies]
+        slowest = max(timings, key=lambda t: t.prepare + t.forward + t.sample)
+        busy = slowest.prepare + slowest.forward + slowest.sample
+        self.last_control = ControlTimings(time.perf_counter() - start, busy - slowest.collective, slowest.collective)
+        return replies[self.output_rank][0]
+
+    def check_health(self) -> None:
+        self._call_all("ping", timeout=10.0)
+
+    def shutdown(self) -> None:
+        for worker in getattr(self, "workers", []):
+            try:
+                ray.kill(worker)
+            except Exception:  # already dead
+                pass
+        self.workers = []
+        if getattr(self, "placement_group", None) is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:
+                pass
+            self.placement_group = None
