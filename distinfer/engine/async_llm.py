@@ -17,7 +17,8 @@ from distinfer.engine.engine import LLMEngine
 from distinfer.engine.input_processor import PromptType
 from distinfer.engine.llm import build_config
 from distinfer.engine.output_processor import RequestOutputKind
-from distinfer.executor.base import EngineDeadError
+from distinfer.engine.scheduler import QueueFullError
+from distinfer.executor.base import EngineDeadError, EngineDrainingError
 from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, FinishReason, RequestOutput
 from distinfer.sampling_params import SamplingParams
 
@@ -47,6 +48,9 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
+        self._draining = False
+        # Requests admitted but unfinished, bounded so the waiting queue can never overflow in the loop.
+        self.max_pending_requests = self.engine.config.scheduler.max_waiting_requests
         self.dead_error: EngineDeadError | None = None
         self._thread = threading.Thread(target=self._run_loop, name="distinfer-step-loop", daemon=True)
         self._thread.start()
@@ -91,12 +95,14 @@ class AsyncLLM:
     def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
         if self.dead_error is not None:
             raise self.dead_error
-        if self._stopped:
-            raise EngineDeadError("engine is shut down")
+        if self._stopped or self._draining:
+            raise EngineDrainingError("engine is draining or shut down: not accepting new requests")
         request = self.engine.input_processor.process(request_id, prompt, params, priority=priority)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
+            if len(self._streams) >= self.max_pending_requests:
+                raise QueueFullError(f"too many requests in flight ({self.max_pending_requests}); retry later")
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request)
             self._streams[request_id] = stream
         self._inbox.put(("add", request, output_kind))
@@ -114,6 +120,17 @@ class AsyncLLM:
                 stream.put(_aborted_output(stream.request))
         self._inbox.put(("abort", request_ids, None))
         self._wake.set()
+
+    @property
+    def num_pending_requests(self) -> int:
+        return len(self._streams)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests and wait (bounded) for the ones in flight to finish."""
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._streams and asyncio.get_running_loop().time() < deadline and not self.is_dead:
+            await asyncio.sleep(0.05)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -146,9 +163,19 @@ class AsyncLLM:
                 with self._lock:
                     live = payload.request_id in self._streams
                 if live:  # not aborted before it arrived
-                    self.engine.add_processed_request(payload, kind)
+                    self._add(payload, kind)
             else:
                 self.engine.abort_request(payload)
+
+    def _add(self, request: EngineRequest, kind: RequestOutputKind) -> None:
+        """A request the engine refuses fails alone; the loop goes on."""
+        try:
+            self.engine.add_processed_request(request, kind)
+        except (QueueFullError, ValueError) as exc:
+            with self._lock:
+                stream = self._streams.pop(request.request_id, None)
+            if stream is not None:
+                stream.put(exc)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

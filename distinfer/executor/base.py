@@ -16,6 +16,10 @@ class EngineDeadError(RuntimeError):
     """The engine (or one of its workers) died; in-flight and new requests fail with this."""
 
 
+class EngineDrainingError(RuntimeError):
+    """The engine is shutting down gracefully and refuses new requests."""
+
+
 class Executor(ABC):
     name: str = ""
     _registry: dict[str, type["Executor"]] = {}
