@@ -1,0 +1,89 @@
+"""What the sync and asyncio clients share: request building, credentials, metadata, retries."""
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import grpc
+
+from distinfer.v1 import inference_pb2 as pb
+
+SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+Prompt = Union[str, Sequence[int]]  # text, or token ids of the served model
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of a call that failed with a retryable UNAVAILABLE before any response arrived
+    (server not reachable yet, model still loading). Bounded: `max_attempts` calls in all."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff_s(self, attempt: int) -> float:
+        """Sleep before attempt `attempt + 1` (attempt counts from 1): exponential, full jitter."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Where and how to connect."""
+
+    target: str
+    api_key: str | None = None
+    root_certificates: bytes | None = None  # PEM of the CA (or self-signed cert) to trust
+    tls: bool = False  # TLS with the system's trust store when no root_certificates are given
+    tls_server_name: str | None = None  # the name the certificate must carry, when not the target host
+
+    @classmethod
+    def create(cls, target: str, api_key: str | None, tls: bool, root_certificates: bytes | str | Path | None,
+               tls_server_name: str | None) -> "ConnectionConfig":
+        if isinstance(root_certificates, (str, Path)):
+            root_certificates = Path(root_certificates).read_bytes()
+        return cls(target, api_key, root_certificates, tls or root_certificates is not None, tls_server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates) if self.tls else None
+
+    def options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 16 << 20)]
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return options
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+def new_request_id() -> str:
+    return f"client-{uuid.uuid4().hex}"
+
+
+def build_generate_request(prompt: Prompt, request_id: str | None, priority: int, model: str,
+                           sampling: dict[str, Any]) -> pb.GenerateRequest:
+    """A GenerateRequest from a prompt (text or token ids) and SamplingParams keyword arguments
+    (None means the server's default). The server validates the values; this checks only names/types."""
+    unknown = sorted(set(sampling) - SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(SAMPLING_FIELDS)}")
+    given = {k: v for k, v in sampling.items() if v is not None}
+    if isinstance(given.get("stop"), str):
+        given["stop"] = [given["stop"]]
+    request = pb.GenerateRequest(request_id=request_id or new_request_id(), priority=priority, model=model,
+                                 sampling_params=pb.SamplingParams(**given))
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, (bytes, bytearray)):
+        raise TypeError("prompt must be a str or a sequence of token ids, not bytes: decode it first")
+    else:
+        request.token_ids.ids.extend(list(prompt))
+    return request

@@ -1,0 +1,286 @@
+"""The distinfer.v1.InferenceService servicer (assembled into a server by grpc_server.py).
+
+The servicer is a thin adapter: it validates every request at the edge (serving/validation.py),
+streams AsyncLLM deltas as GenerateResponses, and maps errors onto status codes. A bad request is
+answered alone; it never reaches the engine's step loop. Cancelling a call or passing its deadline
+aborts the request and frees its KV blocks (the engine stream is closed when the handler is cancelled).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable
+
+import grpc
+
+import distinfer
+from distinfer.client.errors import RETRYABLE_KEY  # trailing metadata on UNAVAILABLE: may the client retry?
+from distinfer.engine.scheduler import QueueFullError
+from distinfer.executor.base import EngineDeadError, EngineDrainingError
+from distinfer.serving.grpc_codec import (
+    StreamState,
+    UndecodableRequest,
+    safe_deserializer,
+    to_responses,
+    to_sampling_params,
+)
+from distinfer.serving.validation import (
+    MAX_N,
+    MAX_STOP_STRINGS,
+    RequestValidationError,
+    ServingLimits,
+    validate_model_name,
+    validate_request_id,
+    validate_text_prompt,
+    validate_token_ids,
+)
+from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from distinfer.v1 import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    from distinfer.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_LONG_TEXT_CHARS = 4096  # tokenize longer prompts off the event loop
+
+
+class Refused(Exception):
+    """A request the server refuses with `code` (not a validation error of one field)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable = code, message, retryable
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
+    """(status code, message, retryable) for an error raised while serving a request."""
+    if isinstance(exc, RequestValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.message, False
+    if isinstance(exc, Refused):
+        return exc.code, exc.message, exc.retryable
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), True
+    if isinstance(exc, EngineDrainingError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), False
+    if isinstance(exc, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), False
+    if isinstance(exc, ValueError):  # the engine's own validation names the field too
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), False
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", False
+
+
+def _is_draining(engine: "AsyncLLM") -> bool:
+    return bool(getattr(engine, "is_draining", getattr(engine, "_draining", False)))
+
+
+class EngineSlot:
+    """The served engine, or the pending load of it (the server answers UNAVAILABLE meanwhile)."""
+
+    def __init__(self, engine: "AsyncLLM | Awaitable[AsyncLLM]") -> None:
+        self.engine: AsyncLLM | None = None
+        self.load_error: BaseException | None = None
+        self._task: asyncio.Future | None = None
+        if inspect.isawaitable(engine):
+            self._task = asyncio.ensure_future(engine)
+            self._task.add_done_callback(self._loaded)
+        else:
+            self.engine = engine
+
+    def _loaded(self, task: asyncio.Future) -> None:
+        if task.cancelled():
+            self.load_error = RuntimeError("model loading was cancelled")
+        elif task.exception() is not None:
+            self.load_error = task.exception()
+            logger.error("model failed to load: %s", self.load_error)
+        else:
+            self.engine = task.result()
+            logger.info("model loaded; gRPC server is serving")
+
+    def get(self) -> "AsyncLLM":
+        """The engine for read-only calls; Refused(UNAVAILABLE) while loading."""
+        if self.load_error is not None:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"model failed to load: {self.load_error}")
+        if self.engine is None:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "model is loading; retry shortly", retryable=True)
+        return self.engine
+
+    def get_for_generate(self) -> "AsyncLLM":
+        engine = self.get()
+        if engine.is_dead:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(engine.dead_error))
+        if _is_draining(engine):
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is draining: not accepting new requests")
+        return engine
+
+    def is_serving(self) -> bool:
+        engine = self.engine
+        return engine is not None and not engine.is_dead and not _is_draining(engine)
+
+
+@dataclass
+class GenerateJob:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+
+
+class InferenceServicer:
+    """distinfer.v1.InferenceService over one AsyncLLM."""
+
+    def __init__(self, slot: EngineSlot, model_name: str) -> None:
+        self.slot = slot
+        self.model_name = model_name
+        self.started_at = time.monotonic()
+        self._active: set[str] = set()
+
+    # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    def limits(engine: "AsyncLLM") -> ServingLimits:
+        return ServingLimits(vocab_size=engine.engine.hf_config.vocab_size, max_model_len=engine.engine.max_model_len)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message, retryable = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            logger.error("request failed", exc_info=exc)
+        else:
+            logger.info("request refused: %s %s", code.name, message)
+        metadata = ((RETRYABLE_KEY, "true" if retryable else "false"),) if code == grpc.StatusCode.UNAVAILABLE else ()
+        await context.abort(code, message, trailing_metadata=metadata)
+
+    async def _prepare(self, request: pb.GenerateRequest | UndecodableRequest, engine: "AsyncLLM") -> GenerateJob:
+        if isinstance(request, UndecodableRequest):
+            raise request.error
+        validate_request_id(request.request_id)
+        validate_model_name(request.model, self.model_name)
+        limits = self.limits(engine)
+        params = to_sampling_params(request.sampling_params, limits)
+        which = request.WhichOneof("input")
+        if which == "text":
+            def tokenize(text: str) -> list[int]:
+                return engine.tokenizer.encode(text, add_special_tokens=True)
+
+            if len(request.text) > _LONG_TEXT_CHARS:
+                ids = await asyncio.to_thread(validate_text_prompt, request.text, limits, tokenize)
+            else:
+                ids = validate_text_prompt(request.text, limits, tokenize)
+        elif which == "token_ids":
+            ids = validate_token_ids(request.token_ids.ids, limits, "token_ids.ids")
+        else:
+            raise RequestValidationError("input", "input is not set: give text or token_ids")
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        return GenerateJob(request_id, ids, params, request.priority)
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Generate(self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext) -> None:
+        error: BaseException | None = None
+        claimed: str | None = None
+        try:
+            engine = self.slot.get_for_generate()
+            job = await self._prepare(request, engine)
+            if job.request_id in self._active:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {job.request_id!r} is already running")
+            claimed = job.request_id
+            self._active.add(claimed)
+            await self._stream(engine, job, context)
+        except Exception as exc:  # mapped onto a status below; cancellation passes through
+            error = exc
+        finally:
+            if claimed is not None:
+                self._active.discard(claimed)
+        if error is not None and not context.done():
+            await self._abort(context, error)
+
+    async def _stream(self, engine: "AsyncLLM", job: GenerateJob, context: grpc.aio.ServicerContext) -> None:
+        state = StreamState(job.request_id, job.params.n)
+        outputs = engine.generate(job.prompt_token_ids, job.params, job.request_id, priority=job.priority)
+        # aclosing: a cancelled handler closes the engine stream at once, which aborts the request.
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                for response in to_responses(output, state):
+                    await context.write(response)
+
+    async def Abort(self, request: pb.AbortRequest | UndecodableRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error
+            engine = self.slot.get()
+            found = request.request_id in self._active
+            if found:
+                await engine.abort(request.request_id)
+            return pb.AbortResponse(found=found)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        try:
+            engine = self.slot.get()
+            core = engine.engine
+            tokenizer = engine.tokenizer
+            dtype = str(core.config.model.dtype).removeprefix("torch.")
+            info = pb.GetModelInfoResponse(
+                model_name=self.model_name, model_type=getattr(core.hf_config, "model_type", "") or "",
+                max_model_len=core.max_model_len, vocab_size=core.hf_config.vocab_size, dtype=dtype,
+                eos_token_ids=core.input_processor.limits.eos_token_ids, max_logprobs=MAX_LOGPROBS,
+                max_n=MAX_N, max_stop_strings=MAX_STOP_STRINGS,
+                has_chat_template=bool(getattr(tokenizer, "chat_template", None)))
+            if getattr(tokenizer, "bos_token_id", None) is not None:
+                info.bos_token_id = tokenizer.bos_token_id
+            return info
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise
+
+    async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        try:
+            engine = self.slot.get()
+            config = engine.engine.config
+            stats = engine.get_stats()
+            parallel = config.parallel
+            return pb.GetServerInfoResponse(
+                version=distinfer.__version__, model_name=self.model_name,
+                parallel_config=pb.ParallelConfig(
+                    tensor_parallel_size=parallel.tensor_parallel_size,
+                    pipeline_parallel_size=parallel.pipeline_parallel_size,
+                    sequence_parallel_size=parallel.sequence_parallel_size, world_size=parallel.world_size),
+                load=pb.Load(
+                    num_running=stats.num_running, num_waiting=stats.num_waiting,
+                    num_pending=engine.num_pending_requests, kv_cache_usage=stats.kv_cache_usage,
+                    num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_total_blocks,
+                    prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+                    num_preemptions=stats.num_preemptions),
+                max_pending_requests=max(0, engine.max_pending_requests),
+                max_num_seqs=config.scheduler.max_num_seqs,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                block_size=config.cache.block_size, draining=_is_draining(engine), dead=engine.is_dead,
+                uptime_seconds=time.monotonic() - self.started_at)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise
+
+    async def Tokenize(self, request: pb.TokenizeRequest | UndecodableRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error
+            engine = self.slot.get()
+            validate_model_name(request.model, self.model_name)
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            tokenizer = engine.tokenizer
+            ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special_tokens=add_special) \
+                if len(request.text) > _LONG_TEXT_CHARS else tokenizer.encode(request.text, add_special_tokens=add_special)
+            tokens = [t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(ids)]
+            return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=engine.engine.max_model_len)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise

@@ -1,0 +1,161 @@
+"""Request validation at the serving edge, shared by the gRPC and HTTP front ends.
+
+Everything here works on plain Python values (no protobuf, no HTTP types, no torch), so a bad request
+is refused with a message naming the field before it reaches the engine's step loop. Every
+`RequestValidationError` message starts with the field's name; front ends may prefix a path
+(`error.with_path("sampling_params.temperature")`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_REQUEST_ID_CHARS = 256
+INT32_MAX = 2**31 - 1
+
+# SamplingParams fields a client may set, with the type each must have.
+SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "n": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "min_p": (int, float),
+    "seed": int, "presence_penalty": (int, float), "frequency_penalty": (int, float),
+    "repetition_penalty": (int, float), "max_tokens": int, "min_tokens": int, "stop": (str, list, tuple),
+    "stop_token_ids": (list, tuple), "ignore_eos": bool, "include_stop_str_in_output": bool,
+    "logprobs": int, "skip_special_tokens": bool, "spaces_between_special_tokens": bool, "detokenize": bool,
+}
+
+
+class RequestValidationError(ValueError):
+    """A bad request. `field` names the offending input; the message starts with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+    def with_path(self, path: str) -> "RequestValidationError":
+        """The same error with `field` replaced by `path` in the message (e.g. a proto field path)."""
+        if self.message.startswith(self.field):
+            return RequestValidationError(path, path + self.message[len(self.field):])
+        return RequestValidationError(path, f"{path}: {self.message}")
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What the served model accepts."""
+
+    vocab_size: int
+    max_model_len: int
+
+
+def _fail(field: str, message: str) -> None:
+    """Raise with a message that starts with the field (`message` may start with an index: "[3] is")."""
+    raise RequestValidationError(field, f"{field}{'' if message.startswith('[') else ' '}{message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_request_id(request_id: str) -> None:
+    """Ids are at most MAX_REQUEST_ID_CHARS printable characters (empty: the server picks one)."""
+    if not isinstance(request_id, str):
+        _fail("request_id", f"must be a string, got {type(request_id).__name__}")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        _fail("request_id", f"must have at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    if not request_id.isprintable():
+        _fail("request_id", f"must contain printable characters only, got {request_id!r}")
+
+
+def validate_model_name(requested: str | None, served: str) -> None:
+    """Empty or None means the served model; any other name must be the served one."""
+    if requested and requested != served:
+        _fail("model", f"{requested!r} is not served here; this server serves {served!r}")
+
+
+def validate_token_ids(token_ids: Sequence[int], limits: ServingLimits, field: str = "token_ids") -> list[int]:
+    """A non-empty prompt of ids inside the vocabulary that leaves room for one generated token."""
+    ids = list(token_ids)
+    if not ids:
+        _fail(field, "must not be empty")
+    for i, token_id in enumerate(ids):
+        if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
+            _fail(field, f"[{i}] is {token_id!r}, outside the vocabulary [0, {limits.vocab_size})")
+    check_prompt_length(len(ids), limits, field)
+    return ids
+
+
+def check_prompt_length(num_tokens: int, limits: ServingLimits, field: str) -> None:
+    if num_tokens >= limits.max_model_len:
+        _fail(field, f"is {num_tokens} tokens long but the context (max_model_len) is {limits.max_model_len} "
+              "tokens: shorten the prompt (at least one token must be left to generate)")
+
+
+def validate_text_prompt(text: str, limits: ServingLimits, tokenize: Callable[[str], list[int]], field: str = "text") -> list[int]:
+    """Tokenize a non-empty text prompt and check that it fits the context."""
+    if not isinstance(text, str):
+        _fail(field, f"must be a string, got {type(text).__name__}")
+    if not text:
+        _fail(field, "must not be empty")
+    ids = list(tokenize(text))
+    if not ids:
+        _fail(field, "must not be empty (it has no tokens)")
+    check_prompt_length(len(ids), limits, field)
+    return ids
+
+
+def _check_types(fields: dict[str, Any]) -> None:
+    for name, value in fields.items():
+        if name not in SAMPLING_FIELDS:
+            _fail(name, f"is not a sampling parameter; known: {', '.join(sorted(SAMPLING_FIELDS))}")
+        if value is None:
+            continue
+        expected = SAMPLING_FIELDS[name]
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            _fail(name, f"has the wrong type {type(value).__name__}")
+
+
+def _check_limits(fields: dict[str, Any], limits: ServingLimits) -> None:
+    n = fields.get("n")
+    if n is not None and not 1 <= n <= MAX_N:
+        _fail("n", f"must be in [1, {MAX_N}], got {n}")
+    max_tokens = fields.get("max_tokens")
+    if max_tokens is not None and not 1 <= max_tokens <= INT32_MAX:
+        _fail("max_tokens", f"must be >= 1, got {max_tokens}")
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = fields.get(name)
+        if value is not None and not math.isfinite(value):
+            _fail(name, f"must be a finite number, got {value!r}")
+    stop = fields.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        _fail("stop", f"has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+            _fail("stop", f"[{i}] must be a non-empty string of at most {MAX_STOP_STRING_CHARS} characters, got {s!r}")
+    stop_ids = list(fields.get("stop_token_ids") or [])
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        _fail("stop_token_ids", f"has {len(stop_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
+    for i, token_id in enumerate(stop_ids):
+        if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
+            _fail("stop_token_ids", f"[{i}] is {token_id!r}, outside the vocabulary [0, {limits.vocab_size})")
+    logprobs = fields.get("logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+
+
+def build_sampling_params(limits: ServingLimits, **fields: Any) -> SamplingParams:
+    """SamplingParams from the fields a client set (None or absent: the engine's default)."""
+    _check_types(fields)
+    _check_limits(fields, limits)
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items() if v is not None}
+    try:
+        return SamplingParams(**given)
+    except ValueError as exc:  # SamplingParams names the field first
+        message = str(exc)
+        raise RequestValidationError(message.split(" ", 1)[0], message) from None
