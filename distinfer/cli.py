@@ -1,4 +1,5 @@
-"""Command line: `distinfer generate "prompt" [options]` streams the completion to stdout."""
+"""Command line: `distinfer generate "prompt"` streams a completion to stdout; `distinfer serve [MODEL]`
+runs the OpenAI HTTP and gRPC APIs; `distinfer bench` sends a Poisson load to a running server."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +103,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    parser.add_argument("--served-model-name", default=None, help="name clients use (default: the model directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface for both APIs (default: loopback only)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=50051, help="-1 disables the gRPC API")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env DISTINFER_API_KEY)")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve both APIs over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from distinfer.serving.server import DistInferServer, ServeOptions, run_server
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        model=args.model_path or args.model, engine_kwargs=engine_kwargs(args), served_model_name=args.served_model_name,
+        host=args.host, http_port=args.http_port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+        api_key=args.api_key or os.environ.get("DISTINFER_API_KEY") or None, tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, log_level=args.log_level.lower(),
+    )
+
+    def ready(server: DistInferServer) -> None:
+        scheme = "https" if options.tls_cert_file else "http"
+        grpc = f", gRPC on {options.host}:{server.grpc_port}" if server.grpc_port else ""
+        print(f"distinfer: serving {options.model_name}: HTTP on {scheme}://{options.host}:{server.http_port}/v1{grpc}", flush=True)
+
+    asyncio.run(run_server(options, on_ready=ready))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from distinfer.serving.loadgen import LoadSpec, format_report, run_load
+
+    spec = LoadSpec(protocol=args.protocol, target=args.target, model=args.served_model_name, rate=args.rate,
+                    num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
+                    api_key=args.api_key, seed=args.seed, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo)
+    print(format_report(asyncio.run(run_load(spec))))
+    return 0
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--target", default=None, help="http://HOST:PORT or HOST:PORT (default: the serve defaults)")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate, requests/s (inf: all at once)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (approximately)")
+    parser.add_argument("--output-len", type=int, default=32, help="tokens generated per request (ignore_eos)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-slo", type=float, default=1.0, help="goodput SLO on time to first token, seconds")
+    parser.add_argument("--tpot-slo", type=float, default=0.2, help="goodput SLO on time per output token, seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distinfer", description="Distributed LLM inference runtime")
     parser.add_argument("--log-level", default="WARNING")
@@ -112,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API")
+    add_serve_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    bench = sub.add_parser("bench", help="Poisson load against a running server: TTFT/TPOT/ITL/latency, goodput")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from distinfer.config import DistInferConfig
 from distinfer.engine.engine import LLMEngine
@@ -23,6 +23,9 @@ from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, Fin
 from distinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Called on the step-loop thread: (outputs of the step, stats after it, request ids just aborted).
+StepCallback = Callable[[list[RequestOutput], EngineStats, list[str]], None]
 
 
 @dataclass
@@ -52,6 +55,7 @@ class AsyncLLM:
         # Requests admitted but unfinished, bounded so the waiting queue can never overflow in the loop.
         self.max_pending_requests = self.engine.config.scheduler.max_waiting_requests
         self.dead_error: EngineDeadError | None = None
+        self._step_callbacks: list[StepCallback] = []
         self._thread = threading.Thread(target=self._run_loop, name="distinfer-step-loop", daemon=True)
         self._thread.start()
 
@@ -63,8 +67,18 @@ class AsyncLLM:
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
+    @property
+    def is_draining(self) -> bool:
+        """drain() or shutdown() was called: new requests are refused."""
+        return self._draining or self._stopped
+
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
+
+    def add_step_callback(self, callback: StepCallback) -> None:
+        """Observe the engine (metrics): called on the loop thread after every step with its outputs
+        and after every abort with the aborted ids. Must be quick; its exceptions are logged, not raised."""
+        self._step_callbacks.append(callback)
 
     # ------------------------------------------------------------ caller side
 
@@ -148,7 +162,9 @@ class AsyncLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                self._dispatch(self.engine.step())
+                outputs = self.engine.step()
+                self._dispatch(outputs)
+                self._notify(outputs, [])
         except BaseException as exc:  # the engine is unusable: fail everyone, clearly
             logger.exception("engine step loop died")
             self._fail_all(EngineDeadError(f"engine is dead: {type(exc).__name__}: {exc}"))
@@ -166,6 +182,7 @@ class AsyncLLM:
                     self._add(payload, kind)
             else:
                 self.engine.abort_request(payload)
+                self._notify([], payload)
 
     def _add(self, request: EngineRequest, kind: RequestOutputKind) -> None:
         """A request the engine refuses fails alone; the loop goes on."""
@@ -185,6 +202,16 @@ class AsyncLLM:
                     del self._streams[output.request_id]
             if stream is not None:
                 stream.put(output)
+
+    def _notify(self, outputs: list[RequestOutput], aborted: list[str]) -> None:
+        if not self._step_callbacks:
+            return
+        stats = self.engine.get_stats()
+        for callback in list(self._step_callbacks):
+            try:
+                callback(outputs, stats, aborted)
+            except Exception:  # an observer must never kill the step loop
+                logger.exception("step callback %r failed", callback)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead_error = error

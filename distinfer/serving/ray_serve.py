@@ -1,0 +1,202 @@
+"""Ray Serve application: one deployment whose replicas each host an AsyncLLM.
+
+`serve run deploy/serve_config.yaml` (or a KubeRay RayService's `serveConfigV2`) imports
+`distinfer.serving.ray_serve:app_builder` with the YAML's `args` (ServeAppArgs). Each replica:
+
+- reserves a placement group: bundle 0 for the replica itself, then one bundle per TP x PP worker
+  rank; the engine's RayExecutor places its workers in those bundles (it uses the current
+  placement group when there is one) instead of reserving a second group;
+- answers the OpenAI HTTP API (the same FastAPI app as `distinfer serve`, built on the replica once
+  the engine exists) through Serve's HTTP proxy;
+- answers distinfer.v1.InferenceService through Serve's gRPC proxy (`grpc_options` in the YAML):
+  the proxy calls the deployment's methods by RPC name, which delegate to the gRPC servicer.
+
+Replicas scale with `autoscaling_config` (ongoing requests per replica); each is a full model copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, AsyncIterator
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from distinfer.engine.async_llm import AsyncLLM
+from distinfer.serving.metrics import EngineMetrics
+from distinfer.serving.openai_http import build_app
+from distinfer.serving.server import DEFAULT_MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "DistInfer"
+
+
+class ServeAppArgs(BaseModel):
+    """The application's `args` in the Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    device: str = "cpu"
+    api_key: str | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other AsyncLLM keyword
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else DEFAULT_MODEL_NAME
+
+
+def placement_bundles(args: ServeAppArgs) -> list[dict[str, float]] | None:
+    """Bundle 0: the replica (engine, step loop, HTTP/gRPC adapters); then one per worker rank.
+    World size 1 runs the model inside the replica: no group needed."""
+    if args.world_size == 1:
+        return None
+    worker = {"CPU": 1.0, "GPU": 1.0} if args.device.startswith("cuda") else {"CPU": 1.0}
+    return [{"CPU": 1.0}] + [dict(worker) for _ in range(args.world_size)]
+
+
+class _ServeGrpcContext:
+    """What the gRPC servicer needs from a grpc.aio context, over Serve's RayServegRPCContext."""
+
+    class Aborted(Exception):
+        pass
+
+    def __init__(self, serve_context: Any) -> None:
+        self._serve_context = serve_context
+        self.responses: asyncio.Queue = asyncio.Queue()
+        self._done = False
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self._serve_context.invocation_metadata()) if self._serve_context is not None else []
+
+    async def write(self, response: Any) -> None:
+        self.responses.put_nowait(response)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        self._done = True
+        if self._serve_context is not None:
+            self._serve_context.set_code(code)
+            self._serve_context.set_details(details)
+        raise self.Aborted(details)
+
+    def done(self) -> bool:
+        return self._done
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=60,
+)
+@serve.ingress()
+class DistInferDeployment:
+    """One model replica: AsyncLLM + the OpenAI app (HTTP ingress) + InferenceService methods (gRPC)."""
+
+    async def __init__(self, args: dict[str, Any]) -> None:
+        self.args = ServeAppArgs.model_validate(args)
+        a = self.args
+        kwargs = dict(a.engine_kwargs, tensor_parallel_size=a.tensor_parallel_size,
+                      pipeline_parallel_size=a.pipeline_parallel_size, device=a.device)
+        self.engine = await asyncio.to_thread(AsyncLLM, a.model, **kwargs)
+        self.metrics = EngineMetrics.attach(self.engine, a.model_name)
+        self._grpc = self._grpc_servicer()
+        logger.info("replica ready: %s (tp=%d, pp=%d)", a.model_name, a.tensor_parallel_size, a.pipeline_parallel_size)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_app(self.engine, self.args.model_name, self.args.api_key, self.metrics)
+
+    def _grpc_servicer(self) -> Any:
+        try:
+            from distinfer.serving.grpc_servicer import EngineSlot, InferenceServicer
+        except ImportError:  # the gRPC API is not part of this build
+            return None
+        return InferenceServicer(EngineSlot(self.engine), self.args.model_name)
+
+    async def check_health(self) -> None:
+        """Serve restarts a replica whose engine died."""
+        if self.engine.is_dead:
+            raise RuntimeError(str(self.engine.dead_error))
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # ------------------------------------------------------------ gRPC (Serve's gRPC proxy)
+
+    async def _check_access(self, context: _ServeGrpcContext) -> None:
+        """Serve's gRPC proxy does no auth: check the bearer key here (raises after setting the code)."""
+        if self._grpc is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the gRPC API is not part of this build")
+        if self.args.api_key:
+            given = dict(context.invocation_metadata()).get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.args.api_key}".encode()):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong `authorization: Bearer <key>`")
+
+    async def _unary(self, method: str, request: Any, grpc_context: Any) -> Any:
+        """Errors: the servicer sets the status on the context and raises; Serve sends that status."""
+        context = _ServeGrpcContext(grpc_context)
+        await self._check_access(context)
+        return await getattr(self._grpc, method)(request, context)
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        context = _ServeGrpcContext(grpc_context)
+        await self._check_access(context)
+        task = asyncio.ensure_future(self._grpc.Generate(request, context))
+        try:
+            while not task.done() or not context.responses.empty():
+                getter = asyncio.ensure_future(context.responses.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            task.result()  # a refused request raises here, with its status set on the context
+        finally:  # the client went away: cancelling the servicer aborts the engine request
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def Abort(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._unary("Abort", request, grpc_context)
+
+    async def GetModelInfo(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._unary("GetModelInfo", request, grpc_context)
+
+    async def GetServerInfo(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._unary("GetServerInfo", request, grpc_context)
+
+    async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._unary("Tokenize", request, grpc_context)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`import_path: distinfer.serving.ray_serve:app_builder`; `args` are ServeAppArgs."""
+    parsed = ServeAppArgs.model_validate(args or {})
+    options: dict[str, Any] = {}
+    bundles = placement_bundles(parsed)
+    if bundles is not None:
+        options["placement_group_bundles"] = bundles
+        # TP ranks all-reduce every layer: keep a replica on one node. PP stages may span nodes.
+        options["placement_group_strategy"] = "STRICT_PACK" if parsed.pipeline_parallel_size == 1 else "PACK"
+    return DistInferDeployment.options(**options).bind(parsed.model_dump())
