@@ -20,8 +20,8 @@ class RetryPolicy:
     """Retries of a call that failed with a retryable UNAVAILABLE before any response arrived
     (server not reachable yet, model still loading). Bounded: `max_attempts` calls in all."""
 
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.1
+    max_attempts: int = 6  # with the defaults: about 2.5 to 5 s of retrying in all
+    initial_backoff_s: float = 0.2
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
 
@@ -55,7 +55,13 @@ class ConnectionConfig:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates) if self.tls else None
 
     def options(self) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 16 << 20)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 16 << 20),
+            # grpc's own reconnect backoff (1 s, growing to 120 s) would outlast our retries.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return options
@@ -85,5 +91,6 @@ def build_generate_request(prompt: Prompt, request_id: str | None, priority: int
     elif isinstance(prompt, (bytes, bytearray)):
         raise TypeError("prompt must be a str or a sequence of token ids, not bytes: decode it first")
     else:
+        request.token_ids.SetInParent()  # an empty list is still a token-id prompt (the server refuses it)
         request.token_ids.ids.extend(list(prompt))
     return request
