@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distinfer.config import DistInferConfig
@@ -79,6 +79,10 @@ class RayExecutor(Executor):
         return {"GPU": 1.0, "CPU": 1.0} if self.config.model.device.startswith("cuda") else {"CPU": 1.0}
 
     def _create_placement_group(self):
+        self._bundle_offset, self._owns_placement_group = 0, True
+        current = get_current_placement_group()
+        if current is not None:  # e.g. a Ray Serve replica that reserved bundles for its workers
+            return self._use_current_placement_group(current)
         pg = placement_group([self._bundle() for _ in range(self.world_size)], strategy="PACK")
         try:
             ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -87,12 +91,24 @@ class RayExecutor(Executor):
             raise RuntimeError(f"could not place {self.world_size} workers ({self._bundle()} each): {exc}") from exc
         return pg
 
+    def _use_current_placement_group(self, pg):
+        """Place the ranks in the last world_size bundles of the group this actor runs in (bundle 0
+        and any others before them belong to the caller), instead of reserving a second group."""
+        bundles = pg.bundle_specs
+        offset = len(bundles) - self.world_size
+        need = self._bundle()
+        if offset < 0 or any(b.get(k, 0.0) < v for b in bundles[offset:] for k, v in need.items()):
+            raise RuntimeError(f"the current placement group {bundles} lacks {self.world_size} trailing bundles of {need} for the workers")
+        self._bundle_offset, self._owns_placement_group = offset, False
+        logger.info("placing %d workers in bundles %d..%d of the current placement group", self.world_size, offset, len(bundles) - 1)
+        return pg
+
     def _create_workers(self) -> list[Any]:
         threads = max(1, (os.cpu_count() or 1) // self.world_size)
         actor_cls = ray.remote(RayWorker)
         workers = []
         for rank in range(self.world_size):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement_group, placement_group_bundle_index=rank)
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement_group, placement_group_bundle_index=self._bundle_offset + rank)
             # One call at a time, in submission order: every rank must see steps in the same order.
             options = dict(scheduling_strategy=strategy, num_cpus=1, max_concurrency=1)
             if "GPU" in self._bundle():
@@ -175,7 +191,7 @@ class RayExecutor(Executor):
             except Exception:  # already dead
                 pass
         self.workers = []
-        if getattr(self, "placement_group", None) is not None:
+        if getattr(self, "placement_group", None) is not None and getattr(self, "_owns_placement_group", True):
             try:
                 remove_placement_group(self.placement_group)
             except Exception:
