@@ -113,6 +113,8 @@ class AsyncLLM:
             raise EngineDrainingError("engine is draining or shut down: not accepting new requests")
         request = self.engine.input_processor.process(request_id, prompt, params, priority=priority)
         with self._lock:
+            if self.dead_error is not None:  # checked again under the lock that _fail_all takes
+                raise self.dead_error
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             if len(self._streams) >= self.max_pending_requests:
@@ -151,6 +153,13 @@ class AsyncLLM:
         self._wake.set()
         self._thread.join(timeout=30)
         self.engine.shutdown()
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:  # nothing will answer them any more
+            try:
+                stream.put(EngineDrainingError("engine shut down before this request finished"))
+            except RuntimeError:  # the caller's event loop is already closed
+                pass
 
     # ------------------------------------------------------------ loop thread
 
@@ -167,7 +176,8 @@ class AsyncLLM:
                 self._notify(outputs, [])
         except BaseException as exc:  # the engine is unusable: fail everyone, clearly
             logger.exception("engine step loop died")
-            self._fail_all(EngineDeadError(f"engine is dead: {type(exc).__name__}: {exc}"))
+            dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine is dead: {type(exc).__name__}: {exc}")
+            self._fail_all(dead)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -63,9 +63,13 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, limits)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.executor = Executor.create(config, executor_backend)
-        num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_kv_cache(num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+            self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
+            self.executor.shutdown()
+            raise
         self.last_step = StepStats()
         self._in_flight: deque[tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]]] = deque()
         logger.info("engine ready: %d KV blocks, max_model_len %d", num_blocks, self.max_model_len)

@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distinfer.config import DistInferConfig
+from distinfer.config import DistInferConfig, ParallelConfig
 from distinfer.executor.base import EngineDeadError, Executor
 from distinfer.executor.ray_worker import RayWorker
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+from distinfer.model.loader import load_hf_config
 from distinfer.worker.model_runner import StepTimings
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ logger = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0
 INIT_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 300.0
+FAILURE_GRACE_S = 2.0  # how long a peer's communication error waits for the root cause to surface
+_PEER_ERROR_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
+                       "NCCL error", "ProcessGroupNCCL")
 
 
 @dataclass
@@ -44,7 +49,8 @@ class ControlTimings:
 
 
 def ensure_ray(world_size: int, address: str | None = None) -> None:
-    """Connect to a running cluster (`address`/RAY_ADDRESS) or start a local Ray with a CPU per rank."""
+    """Connect to a running cluster (`address`/RAY_ADDRESS, e.g. "auto") or start a local Ray with
+    a logical CPU per rank."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -52,8 +58,41 @@ def ensure_ray(world_size: int, address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = max(os.cpu_count() or 1, world_size + 1)
-    # A local instance stays on loopback: nothing of ours listens on other interfaces.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    with _loopback_only():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1")
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep a private local Ray on 127.0.0.1. On Linux Ray turns a loopback node address into the
+    host's routable one (and its servers then listen on every interface) unless multi-node support
+    is off, as on macOS; a local instance started here never takes other nodes."""
+    constants = getattr(ray, "_private").ray_constants
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # another Ray version: keep its default behaviour
+        yield
+        return
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved
+
+
+def check_parallel_shapes(hf_config: Any, parallel: ParallelConfig) -> None:
+    """The model splits over tp x pp: query heads divide by tp, KV heads divide tp or by it
+    (replicated when tp > num_kv_heads), and every pipeline stage gets at least one layer."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the model's num_attention_heads {heads}")
+    if (kv_heads % tp) if tp < kv_heads else (tp % kv_heads):
+        raise ValueError(f"tensor_parallel_size {tp} and the model's num_key_value_heads {kv_heads} must divide "
+                         "one another")
+    if pp > hf_config.num_hidden_layers:
+        raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {hf_config.num_hidden_layers} layers")
 
 
 class RayExecutor(Executor):
@@ -64,6 +103,7 @@ class RayExecutor(Executor):
         self.world_size = config.parallel.world_size
         self.last_control = ControlTimings()
         self._dead: EngineDeadError | None = None
+        check_parallel_shapes(load_hf_config(config.model), config.parallel)  # before any actor starts
         ensure_ray(self.world_size, ray_address)
         self.placement_group = self._create_placement_group()
         self.workers = self._create_workers()
@@ -146,12 +186,15 @@ class RayExecutor(Executor):
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # actor died or raised: the instance cannot continue
-                    self._mark_dead(f"worker failed in {method}: {type(exc).__name__}: {exc}")
+                    self._mark_dead(_failure_reason(refs, {refs.index(ref): exc}, pending, method))
         return [results[r] for r in refs]
 
     def _mark_dead(self, reason: str) -> None:
+        """Fail this and every later call, and release the other ranks at once: they may be blocked
+        in a collective with the dead one, and their bundles are needed by a replacement instance."""
         self._dead = EngineDeadError(f"engine is dead: {reason}")
-        logger.error("%s", reason)
+        logger.error("%s; releasing the instance's workers", reason)
+        self._release()
         raise self._dead
 
     def determine_num_blocks(self) -> int:
@@ -185,15 +228,55 @@ class RayExecutor(Executor):
         self._call_all("ping", timeout=10.0)
 
     def shutdown(self) -> None:
-        for worker in getattr(self, "workers", []):
+        if self._dead is None:
+            self._dead = EngineDeadError("engine is dead: the executor was shut down")
+        self._release()
+
+    def _release(self) -> None:
+        """Kill every worker actor and remove the placement group (idempotent, never raises)."""
+        workers, self.workers = getattr(self, "workers", []), []
+        for worker in workers:
             try:
                 ray.kill(worker)
             except Exception:  # already dead
                 pass
-        self.workers = []
-        if getattr(self, "placement_group", None) is not None and getattr(self, "_owns_placement_group", True):
+        pg, self.placement_group = getattr(self, "placement_group", None), None
+        if pg is not None and getattr(self, "_owns_placement_group", True):  # a borrowed group stays
             try:
-                remove_placement_group(self.placement_group)
-            except Exception:
-                pass
-            self.placement_group = None
+                remove_placement_group(pg)
+            except Exception:  # already removed, or Ray is gone
+                logger.debug("placement group removal failed", exc_info=True)
+
+
+def _failure_reason(refs: list[Any], failures: dict[int, BaseException], pending: list[Any], method: str) -> str:
+    """Name the rank that caused a failure. When the first error is only a peer's broken connection
+    (a collective with a rank that just died), wait briefly for the rank that really failed."""
+    if pending and all(_is_peer_error(exc) for exc in failures.values()):
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - collected to find the root cause
+                failures[refs.index(ref)] = exc
+    rank, exc = min(failures.items(), key=lambda item: (_is_peer_error(item[1]), item[0]))
+    others = sorted(set(failures) - {rank})
+    also = f" (then rank {', '.join(map(str, others))} failed too)" if others else ""
+    return f"worker rank {rank} failed in {method}: {_describe(exc)}{also}"
+
+
+def _is_peer_error(exc: BaseException) -> bool:
+    """A communication error raised on a healthy rank because another rank went away."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return False
+    text = str(getattr(exc, "cause", None) or exc)
+    return any(marker in text for marker in _PEER_ERROR_MARKERS)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a worker failure: the remote exception itself, or why the actor died."""
+    cause = getattr(exc, "cause", None)  # RayTaskError wraps the worker's own exception
+    if isinstance(cause, BaseException) and not isinstance(exc, ray.exceptions.RayActorError):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = [line.split(". ")[0].rstrip(".") + "." for line in lines if line.startswith("The actor is dead because")]
+    return " ".join([f"{type(exc).__name__}: {lines[0] if lines else ''}", *why[:1]])
