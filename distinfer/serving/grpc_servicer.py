@@ -25,7 +25,6 @@ from distinfer.executor.base import EngineDeadError, EngineDrainingError
 from distinfer.serving.grpc_codec import (
     StreamState,
     UndecodableRequest,
-    safe_deserializer,
     to_responses,
     to_sampling_params,
 )

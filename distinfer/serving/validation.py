@@ -19,6 +19,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 INT32_MAX = 2**31 - 1
+# Dividing logits by a tinier penalty overflows float32 to inf, and inf logits give NaN probabilities.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 # SamplingParams fields a client may set, with the type each must have.
 SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -131,6 +134,9 @@ def _check_limits(fields: dict[str, Any], limits: ServingLimits) -> None:
         value = fields.get(name)
         if value is not None and not math.isfinite(value):
             _fail(name, f"must be a finite number, got {value!r}")
+    penalty = fields.get("repetition_penalty")
+    if penalty is not None and math.isfinite(penalty) and not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
+        _fail("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}], got {penalty!r}")
     stop = fields.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if len(stop) > MAX_STOP_STRINGS:

@@ -65,6 +65,8 @@ BAD = [
     ("stop-token-outside-vocab", "Hi", {"stop_token_ids": [10**8]}, "sampling_params.stop_token_ids[0]", "vocabulary"),
     ("logprobs-too-many", "Hi", {"logprobs": 50}, "sampling_params.logprobs", "[0, 20]"),
     ("min-tokens-above-max", "Hi", {"min_tokens": 9, "max_tokens": 3}, "sampling_params.min_tokens", "max_tokens"),
+    ("repetition-penalty-tiny", "Hi", {"repetition_penalty": 1e-300, "temperature": 1.0},
+     "sampling_params.repetition_penalty", "[0.01, 100]"),
     ("penalty-infinite", "Hi", {"presence_penalty": math.inf}, "sampling_params.presence_penalty", "finite"),
     ("unknown-model", "Hi", {"model": "gpt-17"}, "model", "not served"),
     ("request-id-control-char", "Hi", {"request_id": "a\x1fb"}, "request_id", "printable"),

@@ -34,6 +34,8 @@ BAD_SAMPLING = [
     ({"presence_penalty": math.inf}, "presence_penalty"),
     ({"frequency_penalty": 3.0}, "frequency_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # overflowed logits to inf and killed the sampler
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
     ({"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
     ({"stop_token_ids": [100]}, "stop_token_ids"),
