@@ -163,7 +163,11 @@ class GrpcServerThread:
 
     def start(self, timeout_s: float = 60.0) -> "GrpcServerThread":
         self._thread.start()
-        self.handle = self.call(serve_grpc(*self._args, **self._kwargs), timeout_s)
+        try:
+            self.handle = self.call(serve_grpc(*self._args, **self._kwargs), timeout_s)
+        except BaseException:
+            self.stop()  # do not leak the loop thread when the server cannot start
+            raise
         return self
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = 60.0) -> Any:
