@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Starts `distinfer serve` (HTTP :8000, gRPC :50051), sends a chat completion over HTTP and a
+# generation over gRPC, prints them, then stops the server (SIGTERM: drain, exit).
 run: install
-	$(VENV)/bin/distinfer generate "$(PROMPT)" --max-tokens 64 --chat
+	$(PY) deploy/demo.py --prompt "$(PROMPT)" --max-tokens 64
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
