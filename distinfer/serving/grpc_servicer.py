@@ -76,7 +76,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
 
 
 def _is_draining(engine: "AsyncLLM") -> bool:
-    return bool(getattr(engine, "is_draining", getattr(engine, "_draining", False)))
+    return engine.is_draining
 
 
 class EngineSlot:

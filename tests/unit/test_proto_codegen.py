@@ -41,7 +41,7 @@ def test_checked_in_code_matches_regenerated(tmp_path):
 
 
 def _buf() -> str | None:
-    for candidate in (shutil.which("buf"), "/tmp/buf/node_modules/.bin/buf", str(REPO / "node_modules/.bin/buf")):
+    for candidate in (shutil.which("buf"), "/tmp/buf/node_modules/.bin/buf", str(REPO / ".tools/node_modules/.bin/buf"), str(REPO / "node_modules/.bin/buf")):
         if candidate and Path(candidate).exists():
             return candidate
     return None
