@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import ray
@@ -37,15 +37,28 @@ _PEER_ERROR_MARKERS = ("Connection reset by peer", "Connection closed by peer", 
 
 @dataclass
 class ControlTimings:
-    """Driver-side view of the last step: total wall time and the slowest rank's own work."""
+    """Driver-side view of the last step (seconds). `worker_compute` is the compute on the critical
+    path: per pipeline stage its slowest rank's own work, summed over the stages (a batch crosses
+    them one after the other). `worker_collective` is the rest of the busiest rank's step: all-reduce,
+    all-gather, send/recv, and waiting for peers there. `control_overhead` is what remains of the
+    wall time: pickling the diff, Ray's calls to every rank and back, and the driver's wait."""
 
     wall: float = 0.0
     worker_compute: float = 0.0
     worker_collective: float = 0.0
+    per_rank: list[StepTimings] = field(default_factory=list)
 
     @property
     def control_overhead(self) -> float:
         return max(0.0, self.wall - self.worker_compute - self.worker_collective)
+
+    @classmethod
+    def from_ranks(cls, wall: float, timings: list[StepTimings], ranks_per_stage: int) -> "ControlTimings":
+        busy = [t.prepare + t.forward + t.sample for t in timings]
+        own = [b - t.collective for b, t in zip(busy, timings)]
+        compute = sum(max(own[s:s + ranks_per_stage]) for s in range(0, len(own), ranks_per_stage))
+        compute = min(compute, max(busy))  # several batches in flight overlap the stages
+        return cls(wall, compute, max(busy) - compute, timings)
 
 
 def ensure_ray(world_size: int, address: str | None = None) -> None:
@@ -218,10 +231,9 @@ class RayExecutor(Executor):
 
     def _collect(self, refs: list[Any], start: float) -> ModelRunnerOutput:
         replies = self._wait_all(refs, "execute_model", STEP_TIMEOUT_S)
-        timings: list[StepTimings] = [t for _, t in replies]
-        slowest = max(timings, key=lambda t: t.prepare + t.forward + t.sample)
-        busy = slowest.prepare + slowest.forward + slowest.sample
-        self.last_control = ControlTimings(time.perf_counter() - start, busy - slowest.collective, slowest.collective)
+        parallel = self.config.parallel
+        self.last_control = ControlTimings.from_ranks(time.perf_counter() - start, [t for _, t in replies],
+                                                      parallel.tensor_parallel_size * parallel.sequence_parallel_size)
         return replies[self.output_rank][0]
 
     def check_health(self) -> None:
