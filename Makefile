@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# buf (npm) lints protos/ in the test suite; without npm that one test is skipped.
+BUF := .tools/node_modules/.bin/buf
+$(BUF):
+	-command -v npm >/dev/null && npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf
+
 # Starts `distinfer serve` (HTTP :8000, gRPC :50051), sends a chat completion over HTTP and a
 # generation over gRPC, prints them, then stops the server (SIGTERM: drain, exit).
 run: install
 	$(PY) deploy/demo.py --prompt "$(PROMPT)" --max-tokens 64
 
-test: install
+test: install $(BUF)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install
