@@ -97,11 +97,24 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     sequence_parallel_size: int = 1
+    # Layers per pipeline stage, e.g. (17, 13); None splits evenly (earlier stages take the remainder).
+    pipeline_layer_partition: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_layer_partition is not None:
+            parts = self.pipeline_layer_partition
+            if isinstance(parts, str):
+                parts = [p for p in parts.replace(" ", "").split(",") if p]
+            try:
+                self.pipeline_layer_partition = tuple(int(p) for p in parts)
+            except (TypeError, ValueError):
+                raise ValueError(f"pipeline_layer_partition must be layer counts like '17,13', got {parts!r}") from None
+            if len(self.pipeline_layer_partition) != self.pipeline_parallel_size or min(self.pipeline_layer_partition) < 1:
+                raise ValueError(f"pipeline_layer_partition needs {self.pipeline_parallel_size} counts >= 1 (one per "
+                                 f"stage), got {self.pipeline_layer_partition}")
 
     @property
     def world_size(self) -> int:

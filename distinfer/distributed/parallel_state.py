@@ -57,6 +57,7 @@ def _single(name: str) -> GroupCoordinator:
 _TP: GroupCoordinator = _single("tp")
 _PP: GroupCoordinator = _single("pp")
 _SP: GroupCoordinator = _single("sp")
+_PP_LAYER_PARTITION: tuple[int, ...] | None = None  # layers per stage; None: even split
 _INITIALIZED = False
 
 
@@ -104,9 +105,11 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     sequence_parallel_size: int = 1,
     backend: str | None = None,
+    pp_layer_partition: tuple[int, ...] | None = None,
 ) -> None:
     """Build the TP/PP/SP groups over the already initialized default group."""
-    global _TP, _PP, _SP, _INITIALIZED
+    global _TP, _PP, _SP, _INITIALIZED, _PP_LAYER_PARTITION
+    _PP_LAYER_PARTITION = tuple(pp_layer_partition) if pp_layer_partition else None
     tp, pp, sp = tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel_size
     total = tp * pp * sp
     if not dist.is_initialized():
@@ -136,7 +139,8 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the groups (back to the single-process world); the default group stays up."""
-    global _TP, _PP, _SP, _INITIALIZED
+    global _TP, _PP, _SP, _INITIALIZED, _PP_LAYER_PARTITION
+    _PP_LAYER_PARTITION = None
     for coord in (_TP, _PP, _SP):
         if coord.group is not None:
             dist.destroy_process_group(coord.group)
@@ -166,6 +170,11 @@ def get_pp_rank() -> int:
 
 def get_pp_world_size() -> int:
     return _PP.world_size
+
+
+def get_pp_layer_partition() -> tuple[int, ...] | None:
+    """Layers per pipeline stage when configured; None for the even split."""
+    return _PP_LAYER_PARTITION
 
 
 def get_sp_group() -> GroupCoordinator:

@@ -37,13 +37,15 @@ def build_config(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     sequence_parallel_size: int = 1,
+    pipeline_layer_partition: Sequence[int] | str | None = None,
 ) -> DistInferConfig:
     """One place that maps the flat keyword API (LLM, AsyncLLM, CLI) onto the config tree."""
     return DistInferConfig(
         model=ModelConfig(model, tokenizer, dtype, load_format, max_model_len, seed, device),
         cache=CacheConfig(block_size, num_kv_blocks, kv_cache_bytes, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, scheduling_policy),
-        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size),
+        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size,
+                                pipeline_layer_partition),
     )
 
 

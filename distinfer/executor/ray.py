@@ -106,6 +106,10 @@ def check_parallel_shapes(hf_config: Any, parallel: ParallelConfig) -> None:
                          "one another")
     if pp > hf_config.num_hidden_layers:
         raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {hf_config.num_hidden_layers} layers")
+    partition = parallel.pipeline_layer_partition
+    if partition is not None and sum(partition) != hf_config.num_hidden_layers:
+        raise ValueError(f"pipeline_layer_partition {','.join(map(str, partition))} sums to {sum(partition)}, "
+                         f"not the model's {hf_config.num_hidden_layers} layers")
 
 
 class RayExecutor(Executor):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from distinfer.distributed.parallel_state import get_pp_rank, get_pp_world_size
+from distinfer.distributed.parallel_state import get_pp_layer_partition, get_pp_rank, get_pp_world_size
 from distinfer.model.attention.paged import AttentionMetadata, get_attention_backend, make_kv_cache
 from distinfer.model.layers.activation import GatedActivation
 from distinfer.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -39,8 +39,14 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
-    """Contiguous split of the layers over pipeline stages; earlier stages take the remainder."""
+def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int,
+                   partition: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """Contiguous split of the layers over pipeline stages: `partition` layers per stage when
+    given, else even with earlier stages taking the remainder."""
+    if partition is not None:
+        if len(partition) != pp_size or sum(partition) != num_layers:
+            raise ValueError(f"pipeline_layer_partition {partition} must give {pp_size} stages summing to {num_layers} layers")
+        return sum(partition[:pp_rank]), sum(partition[:pp_rank + 1])
     base, extra = divmod(num_layers, pp_size)
     start = pp_rank * base + min(pp_rank, extra)
     return start, start + base + (1 if pp_rank < extra else 0)
@@ -118,7 +124,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.pp_rank, self.pp_size = get_pp_rank(), get_pp_world_size()
         self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
-        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers, self.pp_rank, self.pp_size)
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers, self.pp_rank, self.pp_size,
+                                                          get_pp_layer_partition())
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(

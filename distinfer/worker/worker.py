@@ -28,7 +28,8 @@ class Worker:
             parallel.world_size, self.rank, init_method, backend, timeout_s=timeout_s
         )
         parallel_state.initialize_model_parallel(
-            parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.sequence_parallel_size, backend
+            parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.sequence_parallel_size, backend,
+            pp_layer_partition=parallel.pipeline_layer_partition,
         )
 
     def output_rank(self) -> int:

@@ -27,7 +27,8 @@ PROMPTS = [
 ]
 MAX_TOKENS = [10, 14, 8, 12, 10, 16, 6]  # requests finish at different steps
 ENGINE_ARGS = dict(max_num_batched_tokens=24, block_size=8, num_kv_blocks=256, max_model_len=512)
-CONFIGS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+# (tp, pp, layers per stage): pp2 splits the 4 layers unevenly on purpose; tp2xpp2 splits evenly.
+CONFIGS = {"tp2": (2, 1, None), "pp2": (1, 2, (3, 1)), "tp2xpp2": (2, 2, None)}
 
 
 def _greedy() -> list[SamplingParams]:
@@ -66,6 +67,17 @@ def single_device(tiny_model_dir, prompt_ids) -> dict[str, list[list[int]]]:
 def test_single_device_matches_transformers(tiny_hf_model, prompt_ids, single_device):
     expected = [hf_greedy(tiny_hf_model, ids, n) for ids, n in zip(prompt_ids, MAX_TOKENS)]
     assert single_device["greedy"] == expected
+
+
+def _layer_ranges(executor) -> list[tuple[int, int]]:
+    """[start_layer, end_layer) that each rank's model holds, read from the actors themselves."""
+    import ray
+
+    def layers(actor) -> tuple[int, int]:
+        model = actor.worker.runner.model.model
+        return model.start_layer, model.end_layer
+
+    return ray.get([w.__ray_call__.remote(layers) for w in executor.workers])
 
 
 class StepRecorder:
@@ -107,11 +119,14 @@ def _check_diffs(steps: list[SchedulerOutput], prompt_ids: list[list[int]]) -> N
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parallel_matches_single_device(name, ray_session, tiny_model_dir, prompt_ids, single_device):
-    tp, pp = CONFIGS[name]
-    llm = LLM(tiny_model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE_ARGS)
+    tp, pp, partition = CONFIGS[name]
+    llm = LLM(tiny_model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, pipeline_layer_partition=partition,
+              **ENGINE_ARGS)
     try:
         executor = llm.engine.executor
         assert type(executor).__name__ == "RayExecutor" and len(executor.workers) == tp * pp
+        stages = [(0, 3), (3, 4)] if partition else [(0, 2), (2, 4)]
+        assert _layer_ranges(executor) == [stages[rank // tp] if pp > 1 else (0, 4) for rank in range(tp * pp)]
         recorder = StepRecorder(executor)
         assert _tokens(llm.generate(prompt_ids, _greedy(), use_tqdm=False)) == single_device["greedy"]
         _check_diffs(recorder.steps, prompt_ids)
@@ -147,3 +162,13 @@ def test_failed_engine_start_releases_the_workers(ray_session, tiny_model_dir):
     """The KV budget is found too small only after the workers are up: they must not leak."""
     with pytest.raises(ValueError, match="KV cache budget"):
         LLM(tiny_model_dir, tensor_parallel_size=2, num_kv_blocks=2, max_model_len=512)
+
+
+@pytest.mark.parametrize("partition, error", [("3", "needs 2 counts"), ("2,0", "needs 2 counts >= 1"),
+                                              ("a,b", "layer counts like")])
+def test_bad_layer_partition_is_refused(partition, error):
+    from distinfer.config import ParallelConfig
+
+    with pytest.raises(ValueError, match=error):
+        ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition=partition)
+    assert ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition="3, 1").pipeline_layer_partition == (3, 1)

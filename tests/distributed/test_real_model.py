@@ -51,3 +51,5 @@ def test_tp_that_does_not_divide_the_heads_is_refused_before_any_worker_starts(r
         LLM(tensor_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline_parallel_size 31 exceeds the model's 30 layers"):
         LLM(pipeline_parallel_size=31)
+    with pytest.raises(ValueError, match="pipeline_layer_partition 20,5 sums to 25, not the model's 30 layers"):
+        LLM(pipeline_parallel_size=2, pipeline_layer_partition=(20, 5))
