@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -59,12 +60,12 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| protocol | rate (req/s) | done | req/s | goodput (req/s) | out tok/s | TTFT p50 / p99 (ms) "
-            "| TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2EL p50 / p99 (ms) |")
-    lines = [head, "|" + "---|" * 10]
+            "| TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2EL p50 / p99 (ms) | load avg |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         pct = " | ".join(f"{r[f'p50_{m}_ms']:.0f} / {r[f'p99_{m}_ms']:.0f}" for m in ("ttft", "tpot", "itl", "e2el"))
         lines.append(f"| {r['protocol']} | {r['rate']} | {r['completed']}/{r['requests']} | {r['request_throughput']:.2f} "
-                     f"| {r['goodput']:.2f} | {r['output_throughput']:.1f} | {pct} |")
+                     f"| {r['goodput']:.2f} | {r['output_throughput']:.1f} | {pct} | {r['loadavg_1m'][1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -72,9 +73,10 @@ async def run(args: argparse.Namespace, http_port: int, grpc_port: int) -> list[
     targets = {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
     common = dict(model="bench", input_len=args.input_len, output_len=args.output_len,
                   ttft_slo_s=args.ttft_slo_ms / 1000, tpot_slo_s=args.tpot_slo_ms / 1000)
-    # Warm-up: first-request costs (allocator, detokenizer, connection set-up) stay out of the figures.
+    # Warm-up: first-batch costs (allocator growth at new batch shapes, connection set-up) stay out of
+    # the figures; without it the first measured run was ~2x slower whichever protocol went first.
     for protocol in args.protocols:
-        await run_load(LoadSpec(protocol=protocol, target=targets[protocol], rate=float("inf"), num_requests=8, seed=99, **common))
+        await run_load(LoadSpec(protocol=protocol, target=targets[protocol], rate=4.0, num_requests=24, seed=99, **common))
     rows: list[dict] = []
     started = time.monotonic()
     for rate in args.rates:
@@ -82,11 +84,14 @@ async def run(args: argparse.Namespace, http_port: int, grpc_port: int) -> list[
             if time.monotonic() - started > args.max_seconds:
                 logger.warning("time budget (%d s) spent: skipping the rest", args.max_seconds)
                 return rows
+            # Fresh prompts per run: reusing them would turn later runs' prefills into prefix-cache hits.
             spec = LoadSpec(protocol=protocol, target=targets[protocol], rate=rate,
-                            num_requests=args.num_requests, seed=args.seed, **common)
+                            num_requests=args.num_requests, seed=args.seed + 1000 * (len(rows) + 1), **common)
+            load_before = os.getloadavg()[0]
             report = await run_load(spec)
             print(format_report(report), flush=True)
-            rows.append(report.summary() | {"spec": asdict(spec)})
+            # Other work on the machine shows here (the figures are only comparable at a similar load).
+            rows.append(report.summary() | {"spec": asdict(spec), "loadavg_1m": [load_before, os.getloadavg()[0]]})
     return rows
 
 

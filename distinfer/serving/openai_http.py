@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -66,19 +65,6 @@ def to_openai_error(exc: BaseException, prompt_param: str = "prompt") -> OpenAIE
         return OpenAIError(503, str(exc), "service_unavailable", None, code)
     logger.exception("internal error", exc_info=exc)
     return OpenAIError(500, f"internal error: {type(exc).__name__}", "internal_server_error")
-
-
-@dataclass
-class _Choice:
-    """One output sequence (prompt i, completion j) as it accumulates."""
-
-    text: list[str] = field(default_factory=list)
-    num_tokens: int = 0
-    num_chars: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -210,81 +196,12 @@ async def _close(gens: list) -> None:
             pass
 
 
-class _Render:
-    """Turns deltas into OpenAI completion or chat objects (full responses and stream chunks)."""
-
-    def __init__(self, server: OpenAIServer, chat: bool, request_id: str, n: int, num_logprobs: int | None) -> None:
-        self.server, self.chat, self.id, self.n, self.num_logprobs = server, chat, request_id, n, num_logprobs
-        self.object = "chat.completion" if chat else "text_completion"
-        self.choices: dict[int, _Choice] = {}
-        self.prompt_tokens = self.cached_tokens = 0
-
-    def add(self, prompt_index: int, out: RequestOutput, first: bool) -> list[tuple[int, Any, _Choice]]:
-        """Record a delta; returns (choice index, completion delta, choice state) per touched choice."""
-        if first:
-            self.prompt_tokens += len(out.prompt_token_ids)
-        if out.finished:
-            self.cached_tokens += out.num_cached_tokens
-        touched = []
-        for completion in out.outputs:
-            index = prompt_index * self.n + completion.index
-            choice = self.choices.setdefault(index, _Choice())
-            choice.text.append(completion.text)
-            choice.num_tokens += len(completion.token_ids)
-            choice.token_ids += completion.token_ids
-            choice.logprobs += completion.logprobs or []
-            choice.finish_reason = completion.finish_reason or choice.finish_reason
-            choice.stop_reason = completion.stop_reason if completion.finish_reason else choice.stop_reason
-            touched.append((index, completion, choice))
-        return touched
-
-    def logprobs(self, token_ids: list[int], logprobs: list | None, text_offset: int) -> dict | None:
-        if self.num_logprobs is None or logprobs is None:
-            return None
-        if self.chat:
-            return proto.chat_logprobs(token_ids, logprobs, self.num_logprobs)
-        return proto.completion_logprobs(token_ids, logprobs, self.num_logprobs, text_offset)
-
-    def usage(self) -> dict:
-        completion_tokens = sum(c.num_tokens for c in self.choices.values())
-        return proto.usage(self.prompt_tokens, completion_tokens, self.cached_tokens)
-
-    def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
-        obj = self.object + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": obj, "created": int(time.time()), "model": self.server.model_name, "choices": choices}
-
-    def full_choice(self, index: int, choice: _Choice) -> dict:
-        text = "".join(choice.text)
-        body: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
-                                "logprobs": self.logprobs(choice.token_ids, choice.logprobs, 0)}
-        if self.chat:
-            body["message"] = {"role": "assistant", "content": text}
-        else:
-            body["text"] = text
-        return body
-
-    def delta_choice(self, index: int, completion: Any, choice: _Choice) -> dict | None:
-        text, finish = completion.text, completion.finish_reason
-        if not text and not finish and not completion.token_ids:
-            return None
-        offset = choice.num_chars
-        choice.num_chars += len(text)
-        body: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": self.logprobs(completion.token_ids, completion.logprobs, offset)}
-        if finish:
-            body["stop_reason"] = completion.stop_reason
-        if self.chat:
-            body["delta"] = {"content": text} if text else {}
-        else:
-            body["text"] = text
-        return body
-
-
 async def _respond(server: OpenAIServer, request: Request, body: Any, prompts: list[Any], chat: bool) -> Response:
     params = body.to_sampling_params(server.limits)
     prefix = "chatcmpl" if chat else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     num_logprobs = params.logprobs
-    render = _Render(server, chat, request_id, params.n, num_logprobs)
+    render = proto.ResponseBuilder(server.model_name, chat, request_id, params.n, num_logprobs)
     if body.stream:
         gens, firsts = await _unless_disconnected(request, server.start(request_id, prompts, params, body.priority))
         return _SSEResponse(_stream(server, render, gens, firsts, body.include_usage, len(prompts) * params.n),
@@ -306,7 +223,7 @@ async def _respond(server: OpenAIServer, request: Request, body: Any, prompts: l
     return await _unless_disconnected(request, run())
 
 
-async def _stream(server: OpenAIServer, render: _Render, gens: list, firsts: list[RequestOutput],
+async def _stream(server: OpenAIServer, render: proto.ResponseBuilder, gens: list, firsts: list[RequestOutput],
                   include_usage: bool, num_choices: int) -> AsyncIterator[str]:
     try:
         if render.chat:

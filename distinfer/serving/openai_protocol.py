@@ -7,11 +7,13 @@ them rather than silently dropped.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distinfer.messages import Logprob
+from distinfer.messages import Logprob, RequestOutput
 from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from distinfer.serving.validation import MAX_N, ServingLimits, build_sampling_params
 
@@ -158,7 +160,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._sampling_params(limits, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-# ---------------------------------------------------------------- response pieces
+# ---------------------------------------------------------------- responses
 
 
 def _finite(value: float) -> float:
@@ -199,7 +201,7 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num:
     return {"content": content}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -210,3 +212,85 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class Choice:
+    """One output sequence (prompt i, completion j) as it accumulates."""
+
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    num_chars: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ResponseBuilder:
+    """Turns deltas into OpenAI completion or chat objects (full responses and stream chunks)."""
+
+    def __init__(self, model_name: str, chat: bool, request_id: str, n: int, num_logprobs: int | None) -> None:
+        self.model_name, self.chat, self.id, self.n, self.num_logprobs = model_name, chat, request_id, n, num_logprobs
+        self.object = "chat.completion" if chat else "text_completion"
+        self.choices: dict[int, Choice] = {}
+        self.prompt_tokens = self.cached_tokens = 0
+
+    def add(self, prompt_index: int, out: RequestOutput, first: bool) -> list[tuple[int, Any, Choice]]:
+        """Record a delta; returns (choice index, completion delta, choice state) per touched choice."""
+        if first:
+            self.prompt_tokens += len(out.prompt_token_ids)
+        if out.finished:
+            self.cached_tokens += out.num_cached_tokens
+        touched = []
+        for completion in out.outputs:
+            index = prompt_index * self.n + completion.index
+            choice = self.choices.setdefault(index, Choice())
+            choice.text.append(completion.text)
+            choice.num_tokens += len(completion.token_ids)
+            choice.token_ids += completion.token_ids
+            choice.logprobs += completion.logprobs or []
+            choice.finish_reason = completion.finish_reason or choice.finish_reason
+            choice.stop_reason = completion.stop_reason if completion.finish_reason else choice.stop_reason
+            touched.append((index, completion, choice))
+        return touched
+
+    def logprobs(self, token_ids: list[int], logprobs: list | None, text_offset: int) -> dict | None:
+        if self.num_logprobs is None or logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(token_ids, logprobs, self.num_logprobs)
+        return completion_logprobs(token_ids, logprobs, self.num_logprobs, text_offset)
+
+    def usage(self) -> dict:
+        completion_tokens = sum(c.num_tokens for c in self.choices.values())
+        return usage_body(self.prompt_tokens, completion_tokens, self.cached_tokens)
+
+    def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": obj, "created": int(time.time()), "model": self.model_name, "choices": choices}
+
+    def full_choice(self, index: int, choice: Choice) -> dict:
+        text = "".join(choice.text)
+        body: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+                                "logprobs": self.logprobs(choice.token_ids, choice.logprobs, 0)}
+        if self.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["text"] = text
+        return body
+
+    def delta_choice(self, index: int, completion: Any, choice: Choice) -> dict | None:
+        text, finish = completion.text, completion.finish_reason
+        if not text and not finish and not completion.token_ids:
+            return None
+        offset = choice.num_chars
+        choice.num_chars += len(text)
+        body: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": self.logprobs(completion.token_ids, completion.logprobs, offset)}
+        if finish:
+            body["stop_reason"] = completion.stop_reason
+        if self.chat:
+            body["delta"] = {"content": text} if text else {}
+        else:
+            body["text"] = text
+        return body
