@@ -1,14 +1,16 @@
 """Decode step time on CPU for tp=1, tensor parallel and pipeline parallel, split into compute,
 collectives and control, with ratios against tp=1 measured in the same run.
 
-    python benchmarks/step_time.py [--models dummy,default] [--batch-sizes 1,32] [--steps 20]
+    python benchmarks/step_time.py [--models dummy,default] [--batch-sizes 1,32] [--rounds 3]
 
 Models: `dummy` is a Llama shape whose heads divide by 2 and 3 (12 heads, 4 KV heads, 12 layers,
 hidden 768; random weights via load_format="dummy") run at tp=1, tp=2, pp=2; `default` is the real
-SmolLM2-135M (9 heads, 3 KV heads) run at tp=1, tp=3, pp=2. Each configuration decodes `batch`
-requests together (one batch in flight) and reports the median over `--steps` decode steps of:
+SmolLM2-135M (9 heads, 3 KV heads) run at tp=1, tp=3, pp=2. pp=2 runs twice: with its two batches
+in flight (each step carries half the running requests, the stages overlap) and forced to a single
+batch (the stages take turns). `batch` requests decode together; per setup, the median over
+`--steps` decode steps of:
 
-- step: the engine's whole step (schedule, execute, update, detokenize)
+- step: the engine's whole step (schedule, execute, update, detokenize); tokens/step, decode tok/s
 - compute: model work on the critical path (per pipeline stage the slowest rank, summed over stages)
 - collective: the rest of the busiest rank's step (all-reduce, all-gather, send/recv, waiting on peers)
 - control: driver <-> workers (pickling the SchedulerOutput diff, Ray calls, the driver's wait)
@@ -34,6 +36,7 @@ from transformers import LlamaConfig
 from distinfer.config import ModelConfig
 from distinfer.engine.engine import LLMEngine
 from distinfer.engine.llm import build_config
+from distinfer.executor.ray import ensure_ray
 from distinfer.model.loader import resolve_model_path
 from distinfer.sampling_params import SamplingParams
 
@@ -41,22 +44,39 @@ logger = logging.getLogger("benchmarks.step_time")
 
 DUMMY_SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=4, max_position_embeddings=2048, vocab_size=49152, tie_word_embeddings=True)
-CONFIGS = {"dummy": [(1, 1), (2, 1), (1, 2)], "default": [(1, 1), (3, 1), (1, 2)]}
 
 
 @dataclass
 class StepRow:
     model: str
-    tp: int
-    pp: int
+    config: str
     batch: int
     step_ms: float
+    tokens_per_step: float
+    decode_tok_s: float
     compute_ms: float
     collective_ms: float
     control_ms: float
     engine_ms: float
     diff_bytes: int
     step_ratio: float = 1.0  # vs tp=1 of the same model and batch, this run
+    tok_s_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    tp: int
+    pp: int
+    batches_in_flight: int  # pp > 1: 1 forces a single batch (stages take turns), for comparison
+
+    @property
+    def name(self) -> str:
+        extra = f" ({self.batches_in_flight} batch in flight)" if self.pp > 1 and self.batches_in_flight < self.pp else ""
+        return f"tp={self.tp} pp={self.pp}{extra}"
+
+
+SETUPS = {"dummy": [Setup(1, 1, 1), Setup(2, 1, 1), Setup(1, 2, 2), Setup(1, 2, 1)],
+          "default": [Setup(1, 1, 1), Setup(3, 1, 1), Setup(1, 2, 2), Setup(1, 2, 1)]}
 
 
 def dummy_model_dir() -> str:
@@ -65,82 +85,101 @@ def dummy_model_dir() -> str:
     return str(path)
 
 
-def _engine(model: str, tp: int, pp: int, batch: int, prompt_len: int, steps: int) -> LLMEngine:
+def _engine(model: str, setup: Setup, max_batch: int, prompt_len: int, steps: int) -> LLMEngine:
     dummy = model != "default"
     config = build_config(
         model if dummy else None, tokenizer=resolve_model_path(ModelConfig().model) if dummy else None,
-        load_format="dummy" if dummy else "auto", tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch * prompt_len, 2048),
+        load_format="dummy" if dummy else "auto", tensor_parallel_size=setup.tp, pipeline_parallel_size=setup.pp,
+        max_num_seqs=max_batch, max_num_batched_tokens=max(max_batch * prompt_len, 2048),
         max_model_len=prompt_len + steps + 16, enable_prefix_caching=False)
-    return LLMEngine(config)
+    engine = LLMEngine(config)
+    engine.scheduler.max_concurrent_batches = setup.batches_in_flight
+    return engine
 
 
 def measure(engine: LLMEngine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict[str, float]:
-    """Median timings over `steps` decode steps of `batch` requests decoding together."""
+    """Medians over `steps` decode steps while `batch` requests decode together, and decode tok/s."""
     rng = np.random.default_rng(seed)
-    vocab = engine.hf_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=warmup + steps + 4, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"r{i}", rng.integers(100, vocab, size=prompt_len).tolist(), params)
+    ids = [f"b{batch}-{seed}-{i}" for i in range(batch)]
+    for request_id in ids:
+        engine.add_request(request_id, rng.integers(100, engine.hf_config.vocab_size, size=prompt_len).tolist(), params)
     executor = engine.executor
     sent: list[int] = []
     submit = executor.submit
     executor.submit = lambda so: (sent.append(len(pickle.dumps(so))), submit(so))[1]
-    samples: dict[str, list[float]] = {k: [] for k in ("step", "compute", "collective", "control", "engine", "bytes")}
-    decode_steps = 0
-    while engine.has_unfinished_requests() and decode_steps < warmup + steps:
+    while not all(r.num_output_tokens >= warmup for r in engine.scheduler.requests.values()):
+        engine.step()  # prefill and warm-up decode steps
+    samples: dict[str, list[float]] = {k: [] for k in ("step", "tokens", "compute", "collective", "control", "engine", "bytes")}
+    started = time.perf_counter()
+    for _ in range(steps):
         start = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - start
-        if engine.last_step.num_tokens != batch:
-            continue  # prefill, or a pipeline-parallel step without the full batch
-        decode_steps += 1
-        if decode_steps <= warmup:
-            continue
-        compute, collective, control, executor_wall = _split(executor)
-        for key, value in (("step", wall), ("compute", compute), ("collective", collective),
-                           ("control", control), ("engine", wall - executor_wall), ("bytes", sent[-1])):
+        compute, collective, control, in_process = _split(executor)
+        engine_time = wall - engine.last_step.wait - in_process  # schedule, submit, update, detokenize
+        for key, value in (("step", wall), ("tokens", engine.last_step.num_tokens), ("compute", compute),
+                           ("collective", collective), ("control", control), ("engine", engine_time),
+                           ("bytes", sent[-1])):
             samples[key].append(value)
+    elapsed = time.perf_counter() - started
     executor.submit = submit
-    engine.abort_request([f"r{i}" for i in range(batch)])
+    engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return {key: statistics.median(values) for key, values in samples.items()}
+    result = {key: statistics.median(values) for key, values in samples.items()}
+    result["tok_s"] = sum(samples["tokens"]) / elapsed
+    return result
 
 
 def _split(executor) -> tuple[float, float, float, float]:
-    """(compute, collective, control, executor wall) of the last step, in seconds."""
+    """(compute, collective, control, model time inside the engine's own thread) of the last step."""
     control = getattr(executor, "last_control", None)
-    if control is not None:  # RayExecutor
-        return control.worker_compute, control.worker_collective, control.control_overhead, control.wall
-    t = executor.last_step_timings()  # LocalExecutor: no control plane
+    if control is not None:  # RayExecutor: the model runs in the workers
+        return control.worker_compute, control.worker_collective, control.control_overhead, 0.0
+    t = executor.last_step_timings()  # LocalExecutor: no control plane, the model runs in submit()
     busy = t.prepare + t.forward + t.sample
     return busy - t.collective, t.collective, 0.0, busy
 
 
-def run(models: list[str], batch_sizes: list[int], prompt_len: int, steps: int, warmup: int, seed: int) -> list[StepRow]:
-    rows: list[StepRow] = []
-    for model in models:
-        path = dummy_model_dir() if model == "dummy" else "default"
-        for tp, pp in CONFIGS[model]:
+def run(model: str, batch_sizes: list[int], prompt_len: int, steps: int, warmup: int, rounds: int) -> list[StepRow]:
+    """All setups of a model stay up; rounds go round-robin over them so that load from other
+    processes hits them alike, and each keeps its best (fastest) round."""
+    path = dummy_model_dir() if model == "dummy" else "default"
+    ensure_ray(world_size=sum(s.tp * s.pp for s in SETUPS[model]))  # every setup's workers at once
+    engines = {setup: _engine(path, setup, max(batch_sizes), prompt_len, warmup + steps) for setup in SETUPS[model]}
+    best: dict[tuple[Setup, int], dict[str, float]] = {}
+    try:
+        for round_index in range(rounds):
             for batch in batch_sizes:
-                engine = _engine(path, tp, pp, batch, prompt_len, steps)
-                try:
-                    m = measure(engine, batch, prompt_len, steps, warmup, seed)
-                finally:
-                    engine.shutdown()
-                row = StepRow(model, tp, pp, batch, *(1e3 * m[k] for k in ("step", "compute", "collective", "control", "engine")),
-                              int(m["bytes"]))
-                base = next((r for r in rows if (r.model, r.tp, r.pp, r.batch) == (model, 1, 1, batch)), None)
-                row.step_ratio = row.step_ms / base.step_ms if base else 1.0
-                rows.append(row)
-                logger.info("%s", _format(row))
-    return rows
+                for setup, engine in engines.items():
+                    m = measure(engine, batch, prompt_len, steps, warmup, seed=round_index)
+                    key = (setup, batch)
+                    if key not in best or m["tok_s"] > best[key]["tok_s"]:
+                        best[key] = m
+                    logger.info("round %d %s %s batch %d: %.1f ms/step, %.1f tok/s", round_index, model, setup.name,
+                                batch, 1e3 * m["step"], m["tok_s"])
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    rows = []
+    for (setup, batch), m in best.items():
+        row = StepRow(model, setup.name, batch, 1e3 * m["step"], m["tokens"], m["tok_s"],
+                      *(1e3 * m[k] for k in ("compute", "collective", "control", "engine")), int(m["bytes"]))
+        base = best[(SETUPS[model][0], batch)]
+        row.step_ratio, row.tok_s_ratio = m["step"] / base["step"], m["tok_s"] / base["tok_s"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r.batch, SETUPS[model].index(next(s for s in SETUPS[model] if s.name == r.config))))
+
+
+HEADER = ("| model | config | batch | step ms | tokens/step | decode tok/s | compute ms | collective ms | control ms "
+          "| engine ms | diff bytes | step vs tp=1 | tok/s vs tp=1 |")
 
 
 def _format(r: StepRow) -> str:
-    return (f"| {r.model} | tp={r.tp} pp={r.pp} | {r.batch} | {r.step_ms:.1f} | {r.compute_ms:.1f} | {r.collective_ms:.1f} "
-            f"| {r.control_ms:.1f} | {r.engine_ms:.1f} | {r.diff_bytes} | {r.step_ratio:.2f}x |")
+    return (f"| {r.model} | {r.config} | {r.batch} | {r.step_ms:.1f} | {r.tokens_per_step:.0f} | {r.decode_tok_s:.1f} "
+            f"| {r.compute_ms:.1f} | {r.collective_ms:.1f} | {r.control_ms:.1f} | {r.engine_ms:.1f} | {r.diff_bytes} "
+            f"| {r.step_ratio:.2f}x | {r.tok_s_ratio:.2f}x |")
 
 
 def main() -> None:
@@ -148,17 +187,18 @@ def main() -> None:
     parser.add_argument("--models", default="dummy,default")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions; the best round is kept")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
-    rows = run(args.models.split(","), [int(b) for b in args.batch_sizes.split(",")], args.prompt_len,
-               args.steps, args.warmup, args.seed)
-    print("| model | config | batch | step ms | compute ms | collective ms | control ms | engine ms | diff bytes | step vs tp=1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = [row for model in args.models.split(",")
+            for row in run(model, batch_sizes, args.prompt_len, args.steps, args.warmup, args.rounds)]
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1))
     for row in rows:
         print(_format(row))
     if args.json:

@@ -66,7 +66,8 @@ class LLMEngine:
         try:
             num_blocks = self.executor.determine_num_blocks()
             self.executor.initialize_kv_cache(num_blocks)
-            self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+            self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
+                                       self.executor.max_concurrent_batches)
         except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
             self.executor.shutdown()
             raise

@@ -66,8 +66,11 @@ class _StepState:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int, max_model_len: int) -> None:
+                 num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1) -> None:
         self.config = scheduler_config
+        # Pipeline parallel keeps this many steps in flight; each then takes its share of the running
+        # requests, so that in steady decoding every stage has a batch instead of one batch and idle stages.
+        self.max_concurrent_batches = max_concurrent_batches
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
         self.policy = make_policy(scheduler_config.policy)
@@ -151,8 +154,9 @@ class Scheduler:
                    self.max_model_len - request.num_computed_tokens)
 
     def _schedule_running(self, step: _StepState) -> None:
+        share = -(-len(self.running) // self.max_concurrent_batches)  # ceil: the batches alternate
         for request in list(self.running):
-            if step.budget <= 0:
+            if step.budget <= 0 or len(step.num_scheduled) >= share:
                 break
             if request.status != RequestStatus.RUNNING or request.request_id in self._in_flight:
                 continue  # preempted earlier in this step, or its previous step is still running

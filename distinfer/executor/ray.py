@@ -145,7 +145,8 @@ class RayExecutor(Executor):
             ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except Exception as exc:
             remove_placement_group(pg)
-            raise RuntimeError(f"could not place {self.world_size} workers ({self._bundle()} each): {exc}") from exc
+            raise RuntimeError(f"could not place {self.world_size} workers ({self._bundle()} each) within "
+                               f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.available_resources()} free") from exc
         return pg
 
     def _use_current_placement_group(self, pg):

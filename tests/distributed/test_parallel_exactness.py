@@ -132,6 +132,10 @@ def test_parallel_matches_single_device(name, ray_session, tiny_model_dir, promp
         _check_diffs(recorder.steps, prompt_ids)
         if pp > 1:  # stages overlap: a second batch (disjoint requests) went out before the first came back
             assert recorder.max_in_flight == pp
+            # ... also in steady decoding, where each step takes its share of the running requests.
+            decode = [s.num_scheduled_tokens.keys() for s in recorder.steps
+                      if s.total_num_scheduled_tokens and not s.scheduled_new_reqs]
+            assert any(len(a) > 1 and len(b) > 1 and a.isdisjoint(b) for a, b in zip(decode, decode[1:]))
         control = executor.last_control
         assert control.wall > 0 and control.worker_compute > 0 and control.control_overhead >= 0
         assert control.worker_collective > 0  # all-reduce / send+recv happened and were timed
