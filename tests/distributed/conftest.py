@@ -7,6 +7,7 @@ placement group behind, which `_no_leftovers` checks after each test that used R
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
 RAY_LOGICAL_CPUS = 8
+TEST_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +76,14 @@ def wait_released(timeout_s: float = 15.0) -> tuple[list[dict], list[dict]]:
         if (not workers and not groups) or time.monotonic() > deadline:
             return workers, groups
         time.sleep(0.1)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A hang (e.g. a collective that never completes) fails its test instead of the whole run."""
+    here = str(Path(__file__).parent)
+    for item in items:
+        if str(item.fspath).startswith(here) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
 
 
 @pytest.fixture(autouse=True)
