@@ -84,9 +84,10 @@ async def run(args: argparse.Namespace, http_port: int, grpc_port: int) -> list[
             if time.monotonic() - started > args.max_seconds:
                 logger.warning("time budget (%d s) spent: skipping the rest", args.max_seconds)
                 return rows
-            # Fresh prompts per run: reusing them would turn later runs' prefills into prefix-cache hits.
-            spec = LoadSpec(protocol=protocol, target=targets[protocol], rate=rate,
-                            num_requests=args.num_requests, seed=args.seed + 1000 * (len(rows) + 1), **common)
+            # Same arrival times for every protocol at a rate; fresh prompts per run (reused ones would
+            # turn later runs' prefills into prefix-cache hits).
+            spec = LoadSpec(protocol=protocol, target=targets[protocol], rate=rate, num_requests=args.num_requests,
+                            seed=args.seed, prompt_seed=args.seed + 1000 * (len(rows) + 1), **common)
             load_before = os.getloadavg()[0]
             report = await run_load(spec)
             print(format_report(report), flush=True)

@@ -161,7 +161,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate, requests/s (inf: all at once)")
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (approximately)")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (random ids)")
     parser.add_argument("--output-len", type=int, default=32, help="tokens generated per request (ignore_eos)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,8 @@ class LoadSpec:
     input_len: int = 64
     output_len: int = 32
     api_key: str | None = None
-    seed: int = 0
+    seed: int = 0  # arrival times
+    prompt_seed: int | None = None  # prompts (default: seed); vary it to avoid prefix-cache hits across runs
     vocab_low: int = 1000  # random prompt ids are drawn from [vocab_low, vocab_high)
     vocab_high: int = 30000
     ttft_slo_s: float = 1.0
@@ -162,7 +163,7 @@ async def _grpc_request(stub: Any, spec: LoadSpec, prompt: list[int]) -> Request
 
 
 def _prompts(spec: LoadSpec) -> list[list[int]]:
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.seed if spec.prompt_seed is None else spec.prompt_seed)
     return [[rng.randrange(spec.vocab_low, spec.vocab_high) for _ in range(spec.input_len)] for _ in range(spec.num_requests)]
 
 
