@@ -321,6 +321,8 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, met
     async def health() -> Response:
         if engine.is_dead:
             return JSONResponse(proto.error_body(str(engine.dead_error), "service_unavailable", None, "engine_dead"), status_code=503)
+        if getattr(engine, "is_draining", False):  # shutting down: load balancers should stop sending
+            return JSONResponse(proto.error_body("server is draining", "service_unavailable", None, "engine_draining"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

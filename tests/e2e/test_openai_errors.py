@@ -27,6 +27,8 @@ class FakeEngine:
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
+    is_draining = False
+
     def add_step_callback(self, callback) -> None:
         self.callbacks.append(callback)
 
@@ -62,9 +64,12 @@ def test_engine_errors_map_to_status(engine, error, status, code):
         assert response.json()["error"]["code"] == code
 
 
-def test_health_reflects_a_dead_engine(engine):
+def test_health_reflects_draining_and_dead_engine(engine):
     client = TestClient(build_app(engine, "m"))
     assert client.get("/health").status_code == 200
+    engine.is_draining = True
+    assert client.get("/health").json()["error"]["code"] == "engine_draining"
+    engine.is_draining = False
     engine.dead_error = EngineDeadError("engine is dead: rank 0 exited")
     response = client.get("/health")
     assert response.status_code == 503 and "rank 0" in response.json()["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -229,3 +230,27 @@ def test_client_disconnect_aborts_and_frees_blocks(server, engine, stream):
     finally:
         sock.close()
     wait_idle(engine, baseline)
+
+
+def test_drain_finishes_in_flight_and_refuses_new(server, engine):
+    """Shutdown (what SIGTERM does): new requests and /health get 503, the stream in flight completes.
+    Runs last in this module: the engine stays draining."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server.http_url + "/v1/completions", json=body, timeout=120) as response:
+        lines = (line for line in response.iter_lines() if line)
+        next(lines)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        for _ in range(500):
+            if engine.is_draining:
+                break
+            time.sleep(0.01)
+        refused = httpx.post(server.http_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_draining"
+        assert httpx.get(server.http_url + "/health").status_code == 503
+        rest = list(lines)
+    stopper.join(timeout=90)
+    assert not stopper.is_alive()
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
