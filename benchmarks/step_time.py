@@ -5,15 +5,17 @@ collectives and control, with ratios against tp=1 measured in the same run.
 
 Models: `dummy` is a Llama shape whose heads divide by 2 and 3 (12 heads, 4 KV heads, 12 layers,
 hidden 768; random weights via load_format="dummy") run at tp=1, tp=2, pp=2; `default` is the real
-SmolLM2-135M (9 heads, 3 KV heads) run at tp=1, tp=3, pp=2. pp=2 runs twice: with its two batches
+SmolLM2-135M (9 heads, 3 KV heads) run at tp=1, tp=3, pp=2. tp=1 runs in-process with torch's default
+threads and with 1 thread (each Ray rank gets cores // world size threads). pp=2 runs twice: with its two batches
 in flight (each step carries half the running requests, the stages overlap) and forced to a single
-batch (the stages take turns). `batch` requests decode together; per setup, the median over
-`--steps` decode steps of:
+batch (the stages take turns). `batch` requests decode together; per setup, the mean over
+`--steps` decode steps of (best of `--rounds` round-robin rounds, by decode tok/s):
 
 - step: the engine's whole step (schedule, execute, update, detokenize); tokens/step, decode tok/s
 - compute: model work on the critical path (per pipeline stage the slowest rank, summed over stages)
 - collective: the rest of the busiest rank's step (all-reduce, all-gather, send/recv, waiting on peers)
-- control: driver <-> workers (pickling the SchedulerOutput diff, Ray calls, the driver's wait)
+- control: driver <-> workers (pickling the SchedulerOutput diff, Ray calls, the driver's wait); with
+  two pipeline batches in flight it also holds the time a batch queues behind the other one
 - engine: scheduling and output processing in the driver, outside the executor
 - diff bytes: the pickled SchedulerOutput each rank receives per decode step
 """
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import LlamaConfig
 
 from distinfer.config import ModelConfig
@@ -59,7 +62,7 @@ class StepRow:
     control_ms: float
     engine_ms: float
     diff_bytes: int
-    step_ratio: float = 1.0  # vs tp=1 of the same model and batch, this run
+    step_ratio: float = 1.0  # vs the faster tp=1 of the same model and batch, this run
     tok_s_ratio: float = 1.0
 
 
@@ -67,16 +70,20 @@ class StepRow:
 class Setup:
     tp: int
     pp: int
-    batches_in_flight: int  # pp > 1: 1 forces a single batch (stages take turns), for comparison
+    batches_in_flight: int = 1  # pp > 1: 1 forces a single batch (stages take turns), for comparison
+    threads: int | None = None  # tp=1 in-process: torch threads (None: torch's default, one per core)
 
     @property
     def name(self) -> str:
-        extra = f" ({self.batches_in_flight} batch in flight)" if self.pp > 1 and self.batches_in_flight < self.pp else ""
+        extra = f", {self.batches_in_flight} batch in flight" if self.pp > 1 and self.batches_in_flight < self.pp else ""
+        extra += f", {self.threads} thread" if self.threads else ""
         return f"tp={self.tp} pp={self.pp}{extra}"
 
 
-SETUPS = {"dummy": [Setup(1, 1, 1), Setup(2, 1, 1), Setup(1, 2, 2), Setup(1, 2, 1)],
-          "default": [Setup(1, 1, 1), Setup(3, 1, 1), Setup(1, 2, 2), Setup(1, 2, 1)]}
+# Ray workers run cores // world size torch threads per rank (1 on a 2-core machine); "1 thread"
+# shows tp=1 on the same footing.
+SETUPS = {"dummy": [Setup(1, 1), Setup(1, 1, threads=1), Setup(2, 1), Setup(1, 2, 2), Setup(1, 2, 1)],
+          "default": [Setup(1, 1), Setup(1, 1, threads=1), Setup(3, 1), Setup(1, 2, 2), Setup(1, 2, 1)]}
 
 
 def dummy_model_dir() -> str:
@@ -91,14 +98,25 @@ def _engine(model: str, setup: Setup, max_batch: int, prompt_len: int, steps: in
         model if dummy else None, tokenizer=resolve_model_path(ModelConfig().model) if dummy else None,
         load_format="dummy" if dummy else "auto", tensor_parallel_size=setup.tp, pipeline_parallel_size=setup.pp,
         max_num_seqs=max_batch, max_num_batched_tokens=max(max_batch * prompt_len, 2048),
-        max_model_len=prompt_len + steps + 16, enable_prefix_caching=False)
+        max_model_len=prompt_len + steps + 16, enable_prefix_caching=False,
+        num_kv_blocks=max_batch * -(-(prompt_len + steps + 16) // 16) + 16)  # what the batch needs, not 2 GiB/rank
     engine = LLMEngine(config)
     engine.scheduler.max_concurrent_batches = setup.batches_in_flight
     return engine
 
 
-def measure(engine: LLMEngine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict[str, float]:
-    """Medians over `steps` decode steps while `batch` requests decode together, and decode tok/s."""
+def measure(engine: LLMEngine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int,
+            threads: int | None = None) -> dict[str, float]:
+    """Means over `steps` decode steps while `batch` requests decode together, and decode tok/s."""
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        return _measure(engine, batch, prompt_len, steps, warmup, seed)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _measure(engine: LLMEngine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0, max_tokens=warmup + steps + 4, ignore_eos=True)
     ids = [f"b{batch}-{seed}-{i}" for i in range(batch)]
@@ -127,7 +145,7 @@ def measure(engine: LLMEngine, batch: int, prompt_len: int, steps: int, warmup: 
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    result = {key: statistics.median(values) for key, values in samples.items()}
+    result = {key: statistics.fmean(values) for key, values in samples.items()}
     result["tok_s"] = sum(samples["tokens"]) / elapsed
     return result
 
@@ -153,7 +171,7 @@ def run(model: str, batch_sizes: list[int], prompt_len: int, steps: int, warmup:
         for round_index in range(rounds):
             for batch in batch_sizes:
                 for setup, engine in engines.items():
-                    m = measure(engine, batch, prompt_len, steps, warmup, seed=round_index)
+                    m = measure(engine, batch, prompt_len, steps, warmup, round_index, setup.threads)
                     key = (setup, batch)
                     if key not in best or m["tok_s"] > best[key]["tok_s"]:
                         best[key] = m
@@ -166,7 +184,9 @@ def run(model: str, batch_sizes: list[int], prompt_len: int, steps: int, warmup:
     for (setup, batch), m in best.items():
         row = StepRow(model, setup.name, batch, 1e3 * m["step"], m["tokens"], m["tok_s"],
                       *(1e3 * m[k] for k in ("compute", "collective", "control", "engine")), int(m["bytes"]))
-        base = best[(SETUPS[model][0], batch)]
+        # Baseline: the faster tp=1 (default threads or 1 thread; on a loaded machine torch's threads
+        # can spin against other processes and make tp=1 look far slower than it is).
+        base = max((best[(s, batch)] for s in SETUPS[model] if s.tp * s.pp == 1), key=lambda x: x["tok_s"])
         row.step_ratio, row.tok_s_ratio = m["step"] / base["step"], m["tok_s"] / base["tok_s"]
         rows.append(row)
     return sorted(rows, key=lambda r: (r.batch, SETUPS[model].index(next(s for s in SETUPS[model] if s.name == r.config))))

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0
 INIT_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 300.0
-FAILURE_GRACE_S = 2.0  # how long a peer's communication error waits for the root cause to surface
+FAILURE_GRACE_S = 5.0  # how long a peer's communication error waits for the root cause to surface
 _PEER_ERROR_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
                        "NCCL error", "ProcessGroupNCCL")
 
