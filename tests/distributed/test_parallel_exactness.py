@@ -69,15 +69,19 @@ def test_single_device_matches_transformers(tiny_hf_model, prompt_ids, single_de
     assert single_device["greedy"] == expected
 
 
-def _layer_ranges(executor) -> list[tuple[int, int]]:
-    """[start_layer, end_layer) that each rank's model holds, read from the actors themselves."""
+def _rank_layouts(executor) -> list[dict]:
+    """What each rank holds, read from the actors themselves: its layers, the rows of its fused
+    q/k/v weight, and its KV cache tensors ([blocks, block_size, 2, kv_heads, head_dim], one per layer)."""
     import ray
 
-    def layers(actor) -> tuple[int, int]:
-        model = actor.worker.runner.model.model
-        return model.start_layer, model.end_layer
+    def layout(actor) -> dict:
+        runner = actor.worker.runner
+        model = runner.model.model
+        qkv = model.layers[model.start_layer].self_attn.qkv_proj.weight
+        return {"layers": (model.start_layer, model.end_layer), "qkv_rows": qkv.shape[0],
+                "kv_caches": len(runner.kv_caches), "kv_heads": runner.kv_caches[0].shape[3]}
 
-    return ray.get([w.__ray_call__.remote(layers) for w in executor.workers])
+    return ray.get([w.__ray_call__.remote(layout) for w in executor.workers])
 
 
 class StepRecorder:
@@ -126,7 +130,11 @@ def test_parallel_matches_single_device(name, ray_session, tiny_model_dir, promp
         executor = llm.engine.executor
         assert type(executor).__name__ == "RayExecutor" and len(executor.workers) == tp * pp
         stages = [(0, 3), (3, 4)] if partition else [(0, 2), (2, 4)]
-        assert _layer_ranges(executor) == [stages[rank // tp] if pp > 1 else (0, 4) for rank in range(tp * pp)]
+        for rank, layout in enumerate(_rank_layouts(executor)):
+            start, end = stages[rank // tp] if pp > 1 else (0, 4)
+            # 4 query heads and 2 KV heads of 16 dims: each TP rank keeps 4/tp and 2/tp of them, weights and cache.
+            assert layout == {"layers": (start, end), "qkv_rows": (4 + 2 * 2) * 16 // tp,
+                              "kv_caches": end - start, "kv_heads": 2 // tp}, rank
         recorder = StepRecorder(executor)
         assert _tokens(llm.generate(prompt_ids, _greedy(), use_tqdm=False)) == single_device["greedy"]
         _check_diffs(recorder.steps, prompt_ids)
@@ -138,7 +146,8 @@ def test_parallel_matches_single_device(name, ray_session, tiny_model_dir, promp
             assert any(len(a) > 1 and len(b) > 1 and a.isdisjoint(b) for a, b in zip(decode, decode[1:]))
         control = executor.last_control
         assert control.wall > 0 and control.worker_compute > 0 and control.control_overhead >= 0
-        assert control.worker_collective > 0  # all-reduce / send+recv happened and were timed
+        assert len(control.per_rank) == tp * pp
+        assert all(t.collective > 0 for t in control.per_rank)  # every rank's all-reduce / send / recv was timed
 
         again = llm.generate(prompt_ids, _greedy(), use_tqdm=False)  # prompts now hit the prefix cache
         assert _tokens(again) == single_device["greedy"]
