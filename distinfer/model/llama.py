@@ -61,7 +61,7 @@ def _attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, backend: str = "torch_sdpa") -> None:
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, backend: str = "auto") -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         qkv_bias, o_bias = _attention_biases(config)

@@ -58,9 +58,10 @@ def test_rmsnorm_matches_hf(dtype):
     x, res = torch.randn(5, 48, dtype=dtype), torch.randn(5, 48, dtype=dtype)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x), atol=1e-6, rtol=1e-6)
-        normed, new_res = ours(x, res)
-        torch.testing.assert_close(new_res, x + res, atol=0, rtol=0)
-        torch.testing.assert_close(normed, hf(x + res), atol=1e-6, rtol=1e-6)
+        expected_sum = x + res
+        normed, new_res = ours(x, res.clone())
+        torch.testing.assert_close(new_res, expected_sum, atol=0, rtol=0)
+        torch.testing.assert_close(normed, hf(expected_sum), atol=1e-6, rtol=1e-6)
 
 
 def test_qkv_loader_separate_fused_and_lazy_slices(tmp_path):

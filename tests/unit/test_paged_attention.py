@@ -74,7 +74,8 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (8, 1)])
 @pytest.mark.parametrize("chunk_bytes", [paged.DECODE_CHUNK_BYTES, 1])  # 1: one decode row per chunk
-def test_backend_matches_dense_reference(dtype, tol, hq, hkv, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch_sdpa", "cpu_paged"])  # cpu_paged: bf16 goes through torch
+def test_backend_matches_dense_reference(dtype, tol, hq, hkv, chunk_bytes, backend, monkeypatch):
     monkeypatch.setattr(paged, "DECODE_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     d, bs, nblocks, scale = 16, 4, 40, 0.3
@@ -96,7 +97,7 @@ def test_backend_matches_dense_reference(dtype, tol, hq, hkv, chunk_bytes, monke
     q = torch.randn(sum(query_lens), hq, d, dtype=dtype)
     k = torch.cat([k[s - n:] for k, s, n in zip(full_k, seq_lens, query_lens)])
     v = torch.cat([v[s - n:] for v, s, n in zip(full_v, seq_lens, query_lens)])
-    out = get_attention_backend().forward(q, torch.stack((k, v), dim=1), cache, md, scale)
+    out = get_attention_backend(backend).forward(q, torch.stack((k, v), dim=1), cache, md, scale)
     assert out.shape == q.shape and out.dtype == dtype
     row = 0
     for i, (n, s) in enumerate(zip(query_lens, seq_lens)):
@@ -105,13 +106,14 @@ def test_backend_matches_dense_reference(dtype, tol, hq, hkv, chunk_bytes, monke
         row += n
 
 
-def test_pure_decode_and_single_prefill_paths():
+@pytest.mark.parametrize("name", ["torch_sdpa", "cpu_paged"])
+def test_pure_decode_and_single_prefill_paths(name):
     torch.manual_seed(0)
     hq, hkv, d, bs = 4, 2, 8, 2
     cache = make_kv_cache(16, bs, hkv, d, torch.float32, "cpu")
     k, v, q = torch.randn(5, hkv, d), torch.randn(5, hkv, d), torch.randn(5, hq, d)
     kv = torch.stack((k, v), dim=1)
-    backend = get_attention_backend("torch_sdpa")
+    backend = get_attention_backend(name)
     prefill = backend.forward(q, kv, cache, AttentionMetadata.build([5], [5], [[3, 9, 4]], bs, "cpu"), 0.5)
     torch.testing.assert_close(prefill, _naive(q, k, v, 0.5).float(), atol=1e-5, rtol=1e-5)
     # decode of the last position again, now reading every key from the cache

@@ -193,7 +193,7 @@ class TorchSDPABackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        write_kv(kv_cache, kv, md.slot_mapping)
+        self._write(kv_cache, kv, md)
         if md.is_pure_decode:
             return self._decode(q, kv_cache, md, scale)
         if md.num_decodes == 0 and len(md.prefills) == 1:
@@ -208,6 +208,10 @@ class TorchSDPABackend(AttentionBackend):
         for p in md.prefills:
             out[p.start:p.end] = self._prefill(q, kv, kv_cache, md, p, scale)
         return out
+
+    @staticmethod
+    def _write(kv_cache: torch.Tensor, kv: torch.Tensor, md: AttentionMetadata) -> None:
+        write_kv(kv_cache, kv, md.slot_mapping)
 
     @staticmethod
     def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -247,13 +251,21 @@ class TorchSDPABackend(AttentionBackend):
         return out[0].transpose(0, 1)
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {TorchSDPABackend.name: TorchSDPABackend}
+_BACKENDS = ("auto", "torch_sdpa", "cpu_paged")
 
 
-def get_attention_backend(name: str = "torch_sdpa") -> AttentionBackend:
+def get_attention_backend(name: str = "auto") -> AttentionBackend:
+    """"auto": the fused CPU kernels where they are available (they fall back per call to plain
+    torch for tensors they do not take), else plain torch SDPA."""
     if name not in _BACKENDS:
         raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]()
+    from distinfer.model.kernels import cpu
+
+    if name == "cpu_paged" or (name == "auto" and cpu.load() is not None):
+        from distinfer.model.attention.cpu_paged import CPUPagedBackend
+
+        return CPUPagedBackend()
+    return TorchSDPABackend()
 
 
 def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

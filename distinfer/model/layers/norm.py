@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distinfer.model.kernels import cpu
 from distinfer.model.layers.weight_utils import default_weight_loader, set_weight_loader
 
 
@@ -26,7 +27,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); the fused CPU
+        kernel writes the sum into `residual` in place (the layer stack owns that buffer)."""
+        if cpu.enabled_for(x) and (residual is None or (residual.is_contiguous() and cpu.enabled_for(residual))):
+            return cpu.rms_norm(x, self.weight, self.eps) if residual is None else \
+                (cpu.rms_norm(x, self.weight, self.eps, residual), residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

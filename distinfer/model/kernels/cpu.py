@@ -1,0 +1,168 @@
+"""Fused float32 CPU kernels (cpu_ops.c), compiled on first use and called through ctypes.
+
+The library is built once per source/compiler/CPU into ~/.cache/distinfer/kernels (a few seconds,
+with the machine's C compiler and OpenMP; it shares torch's OpenMP runtime), so no torch headers or
+build step at install time. Without a compiler, or with DISTINFER_CPU_KERNELS=0, `enabled_for`
+is False and callers keep their plain-torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_ops.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_LIBS = ["-lmvec", "-lm"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "di_rms_norm": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int]),
+    "di_rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "di_write_kv": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr]),
+    "di_silu_mul": (None, [_ptr, _ptr, _i64, _i64, _int]),
+    "di_paged_decode_attention": (_int, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64,
+                                         _i64, _f32, _int]),
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """Compile into the cache (atomic rename, so concurrent processes never load a partial file)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS + _LIBS), version, _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DISTINFER_CACHE_DIR", Path.home() / ".cache" / "distinfer")) / "kernels"
+    target = cache / f"libdistinfer_cpu-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+        os.close(fd)
+        cmd = [cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)
+        logger.info("built CPU kernels %s", target)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None when disabled or it cannot be built (logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("DISTINFER_CPU_KERNELS", "1") == "0":
+            return None
+        cc = _compiler()
+        if cc is None:
+            logger.warning("no C compiler found: using plain-torch CPU ops (slower)")
+            return None
+        try:
+            torch.get_num_threads()  # torch's OpenMP runtime is loaded first; the library reuses it
+            lib = ctypes.CDLL(str(_build(cc)))
+        except (OSError, RuntimeError) as exc:
+            logger.warning("CPU kernels unavailable, using plain-torch ops: %s", exc)
+            return None
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        _lib = lib
+    return _lib
+
+
+def enabled_for(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are loaded and every tensor is float32 on the CPU."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and load() is not None
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Rows may be strided, but each row's elements are contiguous."""
+    return t.stride(-1) == 1 and all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(1, t.dim() - 1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """norm(x) * weight; with `residual`, residual <- x + residual in place and the sum is normalized."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+    res_ptr = None
+    if residual is not None:
+        assert residual.is_contiguous() and residual.shape == x.shape
+        res_ptr = residual.data_ptr()
+    _lib.di_rms_norm(out.data_ptr(), x.data_ptr(), res_ptr, weight.data_ptr(), rows, hidden, eps,
+                     torch.get_num_threads())
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place: x [T, H, D] (rows may be strided) <- x*cos + rotate_half(x)*sin; cos/sin [T, 1, D]."""
+    t, h, d = x.shape
+    assert _row_major(x) and cos.is_contiguous() and sin.is_contiguous()
+    _lib.di_rope(x.data_ptr(), t, h, d, x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+    return x
+
+
+def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv [T, 2, Hkv, D] (rows may be strided) into the cache slots `slot_mapping` (int64)."""
+    assert kv_cache.is_contiguous() and _row_major(kv) and slot_mapping.dtype == torch.int64
+    slot_mapping = slot_mapping.contiguous()
+    _lib.di_write_kv(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
+                     slot_mapping.data_ptr())
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:]."""
+    x = x.contiguous()
+    inter = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], inter)
+    _lib.di_silu_mul(out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter, torch.get_num_threads())
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] (rows may be strided), block_tables [B, width] int64, seq_lens [B] int64 -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    _, block_size, _, hkv, _ = kv_cache.shape
+    assert _row_major(q) and kv_cache.is_contiguous() and block_tables.is_contiguous()
+    assert block_tables.dtype == seq_lens.dtype == torch.int64 and seq_lens.is_contiguous()
+    out = q.new_empty(b, hq, d)
+    status = _lib.di_paged_decode_attention(
+        out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], seq_lens.data_ptr(), b, hq, hkv, d, block_size, scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("paged decode attention could not allocate its score buffer")
+    return out
