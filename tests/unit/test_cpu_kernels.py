@@ -75,10 +75,11 @@ def test_write_kv_into_slots_from_strided_rows():
     assert flat[[i for i in range(24) if i not in (0, 5, 17)]].abs().sum() == 0
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (4, 1, 16)])
-def test_paged_decode_attention_matches_sdpa_backend(hq, hkv, d):
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (4, 1, 16), (2, 2, 256)])
+@pytest.mark.parametrize("lens", [[1, 17, 300, 64, 5], [300]])  # one request: work split by KV head
+def test_paged_decode_attention_matches_sdpa_backend(hq, hkv, d, lens):
     torch.manual_seed(2)
-    bs, lens = 16, [1, 17, 300, 64, 5]
+    bs = 16
     cache = torch.randn(80, bs, 2, hkv, d)
     perm = (torch.randperm(79) + 1).tolist()
     tables = [[perm.pop() for _ in range(-(-n // bs))] for n in lens]

@@ -71,6 +71,9 @@ def _build(cc: str) -> Path:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, target)
         logger.info("built CPU kernels %s", target)
+        for stale in cache.glob("libdistinfer_cpu-*.so"):  # other sources/compilers; safe to unlink if mapped
+            if stale != target:
+                stale.unlink(missing_ok=True)
     return target
 
 
@@ -103,13 +106,23 @@ def load() -> ctypes.CDLL | None:
 
 
 def enabled_for(*tensors: torch.Tensor) -> bool:
-    """True when the kernels are loaded and every tensor is float32 on the CPU."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and load() is not None
+    """True when the kernels are loaded and every tensor is float32 on the CPU (called per op: kept lean)."""
+    if _lib is None and (_tried or load() is None):
+        return False
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
+    return True
 
 
 def _row_major(t: torch.Tensor) -> bool:
     """Rows may be strided, but each row's elements are contiguous."""
-    return t.stride(-1) == 1 and all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(1, t.dim() - 1))
+    expected = 1
+    for dim in range(t.dim() - 1, 0, -1):
+        if t.stride(dim) != expected:
+            return False
+        expected *= t.shape[dim]
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

@@ -84,7 +84,7 @@ void di_silu_mul(float *out, const float *x, int64_t rows, int64_t inter, int nt
     }
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
@@ -92,7 +92,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 /* softmax of row[0..n) in place; returns 1 / sum of the exponentials (normalization deferred) */
-static inline float exp_shifted(float *row, int64_t n) {
+static inline float exp_shifted(float *restrict row, int64_t n) {
     float m = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : m)
     for (int64_t i = 0; i < n; i++) m = row[i] > m ? row[i] : m;
@@ -104,34 +104,43 @@ static inline float exp_shifted(float *row, int64_t n) {
     return 1.0f / sum;
 }
 
-/* One (request, KV head): `group` query heads q[group][head_dim] -> out[group][head_dim]. */
-static inline void attend_one(float *out, const float *q, const float *cache, const int64_t *table,
-                              int64_t len, int64_t group, int64_t head_dim, int64_t kv_head,
-                              int64_t num_kv_heads, int64_t block_size, float scale, float *scores) {
+/* KV heads [h0, h1) of one request, their query heads' rows r = (h - h0) * group + g.
+ * Streams the request's slots in order (each slot's K and V of all heads are contiguous), so the
+ * blocks are read sequentially: scores [rows][len], softmax per row, then acc [rows][head_dim] +=
+ * p * V. Inlined with a constant head_dim for the common sizes so the inner loops unroll. */
+static inline __attribute__((always_inline)) void attend_heads(
+    float *restrict out, const float *restrict q, const float *restrict cache, const int64_t *restrict table,
+    int64_t len, int64_t group, int64_t head_dim, int64_t h0, int64_t h1, int64_t num_kv_heads,
+    int64_t block_size, float scale, float *restrict scores, float *restrict acc) {
     const int64_t slot_elems = 2 * num_kv_heads * head_dim, v_offset = num_kv_heads * head_dim;
+    const int64_t rows = (h1 - h0) * group;
     for (int64_t t = 0; t < len; t++) {
-        const float *k = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems
-                         + kv_head * head_dim;
-        for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(q + g * head_dim, k, head_dim) * scale;
+        const float *slot = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems;
+        for (int64_t h = h0; h < h1; h++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t r = (h - h0) * group + g;
+                scores[r * len + t] = dot(q + r * head_dim, slot + h * head_dim, head_dim) * scale;
+            }
     }
-    float inv_sum[group];
-    for (int64_t g = 0; g < group; g++) inv_sum[g] = exp_shifted(scores + g * len, len);
-    memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
+    float inv_sum[rows];
+    for (int64_t r = 0; r < rows; r++) inv_sum[r] = exp_shifted(scores + r * len, len);
+    memset(acc, 0, (size_t)(rows * head_dim) * sizeof(float));
     for (int64_t t = 0; t < len; t++) {
-        const float *v = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems
-                         + v_offset + kv_head * head_dim;
-        for (int64_t g = 0; g < group; g++) {
-            const float p = scores[g * len + t];
-            float *o = out + g * head_dim;
+        const float *slot = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems + v_offset;
+        for (int64_t h = h0; h < h1; h++) {
+            const float *restrict v = slot + h * head_dim;
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t r = (h - h0) * group + g;
+                const float p = scores[r * len + t];
+                float *restrict a = acc + r * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
+                for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
+            }
         }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *o = out + g * head_dim;
+    for (int64_t r = 0; r < rows; r++)
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; d++) o[d] *= inv_sum[g];
-    }
+        for (int64_t d = 0; d < head_dim; d++) out[r * head_dim + d] = acc[r * head_dim + d] * inv_sum[r];
 }
 
 /* q: [batch] rows (q_row_stride floats apart) of [num_heads, head_dim]; out: [batch, num_heads,
@@ -144,22 +153,35 @@ int di_paged_decode_attention(float *out, const float *q, int64_t q_row_stride, 
     const int64_t group = num_heads / num_kv_heads;
     int64_t max_len = 0;
     for (int64_t b = 0; b < batch; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    /* one work item = a request's heads, or one KV head when there are too few requests to share */
+    const int64_t split = batch >= 2 * nthreads ? 1 : num_kv_heads;
+    const int64_t heads_per_item = num_kv_heads / split;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (batch * num_kv_heads > 1)
+#pragma omp parallel num_threads(nthreads) if (batch * split > 1)
     {
-        float *scores = malloc((size_t)(group * max_len) * sizeof(float));
-        if (!scores) {
+        float *scores = malloc((size_t)(heads_per_item * group * max_len) * sizeof(float));
+        float *acc = malloc((size_t)(heads_per_item * group * head_dim) * sizeof(float));
+        if (!scores || !acc) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; b++)
-            for (int64_t h = 0; h < num_kv_heads; h++)
-                if (scores)
-                    attend_one(out + (b * num_heads + h * group) * head_dim,
-                               q + b * q_row_stride + h * group * head_dim, cache, tables + b * table_width,
-                               seq_lens[b], group, head_dim, h, num_kv_heads, block_size, scale, scores);
+            for (int64_t item = 0; item < split; item++) {
+                if (!scores || !acc) continue;
+                const int64_t h0 = item * heads_per_item, h1 = h0 + heads_per_item;
+                float *o = out + (b * num_heads + h0 * group) * head_dim;
+                const float *qb = q + b * q_row_stride + h0 * group * head_dim;
+                const int64_t *tb = tables + b * table_width;
+                if (head_dim == 64)
+                    attend_heads(o, qb, cache, tb, seq_lens[b], group, 64, h0, h1, num_kv_heads, block_size, scale, scores, acc);
+                else if (head_dim == 128)
+                    attend_heads(o, qb, cache, tb, seq_lens[b], group, 128, h0, h1, num_kv_heads, block_size, scale, scores, acc);
+                else
+                    attend_heads(o, qb, cache, tb, seq_lens[b], group, head_dim, h0, h1, num_kv_heads, block_size, scale, scores, acc);
+            }
         free(scores);
+        free(acc);
     }
     return failed ? -1 : 0;
 }
