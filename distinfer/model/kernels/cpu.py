@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels (cpu_ops.c), compiled on first use and called through ctypes.
+"""Fused float32/bfloat16 CPU kernels (cpu_ops.c), compiled on first use and called through ctypes.
 
 The library is built once per source/compiler/CPU into ~/.cache/distinfer/kernels (a few seconds,
 with the machine's C compiler and OpenMP; it shares torch's OpenMP runtime), so no torch headers or
@@ -22,11 +22,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_ops.c")
+_SOURCES = (_SOURCE, _SOURCE.with_name("cpu_ops_impl.h"))  # the .c includes the per-dtype bodies
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _LIBS = ["-lmvec", "-lm"]
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # element types the library is built for
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_bf16_gemv = False  # the build has the AVX512-BF16 small-batch linear
+GEMV_MAX_ROWS = 4  # beyond this many rows torch's bfloat16 GEMM (AMX) is as fast
 
 _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -34,6 +38,7 @@ _SIGNATURES = {
     "di_rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
     "di_write_kv": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr]),
     "di_silu_mul": (None, [_ptr, _ptr, _i64, _i64, _int]),
+    "di_linear": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "di_paged_decode_attention": (_int, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64,
                                          _i64, _f32, _int]),
 }
@@ -56,7 +61,7 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     """Compile into the cache (atomic rename, so concurrent processes never load a partial file)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS + _LIBS), version, _cpu_flags()])
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), " ".join(_FLAGS + _LIBS), version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DISTINFER_CACHE_DIR", Path.home() / ".cache" / "distinfer")) / "kernels"
     target = cache / f"libdistinfer_cpu-{key}.so"
@@ -99,20 +104,32 @@ def load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels unavailable, using plain-torch ops: %s", exc)
             return None
         for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+            for suffix in _SUFFIX.values():
+                fn = getattr(lib, f"{name}_{suffix}", None)
+                if fn is not None:
+                    fn.restype, fn.argtypes = restype, argtypes
+        global _bf16_gemv
+        _bf16_gemv = bool(lib.di_has_bf16_gemv())
         _lib = lib
     return _lib
 
 
 def enabled_for(*tensors: torch.Tensor) -> bool:
-    """True when the kernels are loaded and every tensor is float32 on the CPU (called per op: kept lean)."""
+    """True when the kernels are loaded and the tensors are all float32 or all bfloat16, on the CPU
+    (called per op: kept lean)."""
     if _lib is None and (_tried or load() is None):
         return False
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX:
+        return False
     for t in tensors:
-        if t.dtype is not torch.float32 or not t.is_cpu:
+        if t.dtype is not dtype or not t.is_cpu:
             return False
     return True
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
 
 
 def _row_major(t: torch.Tensor) -> bool:
@@ -135,7 +152,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None:
         assert residual.is_contiguous() and residual.shape == x.shape
         res_ptr = residual.data_ptr()
-    _lib.di_rms_norm(out.data_ptr(), x.data_ptr(), res_ptr, weight.data_ptr(), rows, hidden, eps,
+    _kernel("di_rms_norm", x.dtype)(out.data_ptr(), x.data_ptr(), res_ptr, weight.data_ptr(), rows, hidden, eps,
                      torch.get_num_threads())
     return out
 
@@ -144,7 +161,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """In place: x [T, H, D] (rows may be strided) <- x*cos + rotate_half(x)*sin; cos/sin [T, 1, D]."""
     t, h, d = x.shape
     assert _row_major(x) and cos.is_contiguous() and sin.is_contiguous()
-    _lib.di_rope(x.data_ptr(), t, h, d, x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+    _kernel("di_rope", x.dtype)(x.data_ptr(), t, h, d, x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
     return x
 
 
@@ -152,7 +169,7 @@ def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tenso
     """kv [T, 2, Hkv, D] (rows may be strided) into the cache slots `slot_mapping` (int64)."""
     assert kv_cache.is_contiguous() and _row_major(kv) and slot_mapping.dtype == torch.int64
     slot_mapping = slot_mapping.contiguous()
-    _lib.di_write_kv(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
+    _kernel("di_write_kv", kv.dtype)(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
                      slot_mapping.data_ptr())
 
 
@@ -161,7 +178,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     inter = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], inter)
-    _lib.di_silu_mul(out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter, torch.get_num_threads())
+    _kernel("di_silu_mul", x.dtype)(out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter, torch.get_num_threads())
     return out
 
 
@@ -173,9 +190,29 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     assert _row_major(q) and kv_cache.is_contiguous() and block_tables.is_contiguous()
     assert block_tables.dtype == seq_lens.dtype == torch.int64 and seq_lens.is_contiguous()
     out = q.new_empty(b, hq, d)
-    status = _lib.di_paged_decode_attention(
+    status = _kernel("di_paged_decode_attention", q.dtype)(
         out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), b, hq, hkv, d, block_size, scale, torch.get_num_threads())
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffer")
+    return out
+
+
+def small_batch_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bfloat16 x of at most GEMV_MAX_ROWS rows on a CPU with AVX512-BF16, where torch's own
+    bfloat16 matmul streams the weights at a fraction of memory bandwidth."""
+    return (x.dtype is torch.bfloat16 and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
+            and weight.shape[1] % 32 == 0 and enabled_for(x, weight) and _bf16_gemv)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for `small_batch_linear_applies` inputs: float32 accumulation, one rounding."""
+    x = x.contiguous()
+    n, k = x.shape
+    out = x.new_empty(n, weight.shape[0])
+    status = _lib.di_linear_bf16(out.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), n, k, weight.shape[0],
+                                 torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"bfloat16 linear kernel cannot take x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return out

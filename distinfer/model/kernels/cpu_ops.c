@@ -1,6 +1,7 @@
-/* distinfer CPU kernels (float32), loaded through ctypes by distinfer/model/kernels/cpu.py.
+/* distinfer CPU kernels (float32 and bfloat16), loaded through ctypes by distinfer/model/kernels/cpu.py.
  *
- * Each replaces a chain of small torch ops with one pass over the data:
+ * Each replaces a chain of small torch ops with one pass over the data (bodies in cpu_ops_impl.h,
+ * compiled once per element type: di_<kernel>_f32 and di_<kernel>_bf16):
  *   di_rms_norm       residual add + RMSNorm (transformers' LlamaRMSNorm order of operations)
  *   di_rope           neox RoPE in place on q and k heads (x*cos + rotate_half(x)*sin)
  *   di_write_kv       a step's K/V rows into their paged-cache slots
@@ -25,73 +26,7 @@ extern float expf(float);
 
 #define SMALL_WORK 4 /* rows below which a parallel region costs more than it saves */
 
-void di_rms_norm(float *out, const float *x, float *residual, const float *weight, int64_t rows,
-                 int64_t hidden, float eps, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows > SMALL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *h = x + r * hidden;
-        float *o = out + r * hidden;
-        if (residual) { /* residual <- x + residual, then normalize the sum */
-            float *res = residual + r * hidden;
-#pragma omp simd
-            for (int64_t i = 0; i < hidden; i++) res[i] = h[i] + res[i];
-            h = res;
-        }
-        float sum_sq = 0.0f;
-#pragma omp simd reduction(+ : sum_sq)
-        for (int64_t i = 0; i < hidden; i++) sum_sq += h[i] * h[i];
-        const float inv = 1.0f / sqrtf(sum_sq / (float)hidden + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; i++) o[i] = weight[i] * (h[i] * inv);
-    }
-}
-
-/* x: [tokens, heads, head_dim] rows `row_stride` floats apart; cos, sin: [tokens, head_dim] with
- * sin sign-folded ([-sin, sin] halves), so x' = x*cos + swap_halves(x)*sin. */
-void di_rope(float *x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t row_stride,
-             const float *cos, const float *sin, int nthreads) {
-    const int64_t half = head_dim / 2;
-#pragma omp parallel for num_threads(nthreads) if (tokens > SMALL_WORK)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + t * row_stride + h * head_dim;
-#pragma omp simd
-            for (int64_t i = 0; i < half; i++) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] + b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
-        }
-    }
-}
-
-/* kv: [tokens] rows of slot_elems floats (K heads then V heads), rows `row_stride` apart. */
-void di_write_kv(float *cache, const float *kv, int64_t tokens, int64_t row_stride, int64_t slot_elems,
-                 const int64_t *slots) {
-    for (int64_t t = 0; t < tokens; t++)
-        memcpy(cache + slots[t] * slot_elems, kv + t * row_stride, (size_t)slot_elems * sizeof(float));
-}
-
-/* x: [rows, 2 * inter] (gate then up); out: [rows, inter]. silu(g) = g / (1 + exp(-g)). */
-void di_silu_mul(float *out, const float *x, int64_t rows, int64_t inter, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows > SMALL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = x + r * 2 * inter, *u = g + inter;
-        float *o = out + r * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
-}
-
-/* softmax of row[0..n) in place; returns 1 / sum of the exponentials (normalization deferred) */
+/* softmax numerators of row[0..n) in place; returns 1 / their sum (normalization deferred) */
 static inline float exp_shifted(float *restrict row, int64_t n) {
     float m = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : m)
@@ -104,84 +39,78 @@ static inline float exp_shifted(float *restrict row, int64_t n) {
     return 1.0f / sum;
 }
 
-/* KV heads [h0, h1) of one request, their query heads' rows r = (h - h0) * group + g.
- * Streams the request's slots in order (each slot's K and V of all heads are contiguous), so the
- * blocks are read sequentially: scores [rows][len], softmax per row, then acc [rows][head_dim] +=
- * p * V. Inlined with a constant head_dim for the common sizes so the inner loops unroll. */
-static inline __attribute__((always_inline)) void attend_heads(
-    float *restrict out, const float *restrict q, const float *restrict cache, const int64_t *restrict table,
-    int64_t len, int64_t group, int64_t head_dim, int64_t h0, int64_t h1, int64_t num_kv_heads,
-    int64_t block_size, float scale, float *restrict scores, float *restrict acc) {
-    const int64_t slot_elems = 2 * num_kv_heads * head_dim, v_offset = num_kv_heads * head_dim;
-    const int64_t rows = (h1 - h0) * group;
-    for (int64_t t = 0; t < len; t++) {
-        const float *slot = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems;
-        for (int64_t h = h0; h < h1; h++)
-            for (int64_t g = 0; g < group; g++) {
-                const int64_t r = (h - h0) * group + g;
-                scores[r * len + t] = dot(q + r * head_dim, slot + h * head_dim, head_dim) * scale;
-            }
-    }
-    float inv_sum[rows];
-    for (int64_t r = 0; r < rows; r++) inv_sum[r] = exp_shifted(scores + r * len, len);
-    memset(acc, 0, (size_t)(rows * head_dim) * sizeof(float));
-    for (int64_t t = 0; t < len; t++) {
-        const float *slot = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems + v_offset;
-        for (int64_t h = h0; h < h1; h++) {
-            const float *restrict v = slot + h * head_dim;
-            for (int64_t g = 0; g < group; g++) {
-                const int64_t r = (h - h0) * group + g;
-                const float p = scores[r * len + t];
-                float *restrict a = acc + r * head_dim;
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
-            }
-        }
-    }
-    for (int64_t r = 0; r < rows; r++)
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; d++) out[r * head_dim + d] = acc[r * head_dim + d] * inv_sum[r];
+static inline float bf16_to_f32(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-/* q: [batch] rows (q_row_stride floats apart) of [num_heads, head_dim]; out: [batch, num_heads,
- * head_dim] contiguous; tables: [batch, table_width] block ids; seq_lens: [batch] keys per row.
- * Returns 0, or -1 when scratch memory could not be allocated. */
-int di_paged_decode_attention(float *out, const float *q, int64_t q_row_stride, const float *cache,
-                              const int64_t *tables, int64_t table_width, const int64_t *seq_lens,
-                              int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                              int64_t block_size, float scale, int nthreads) {
-    const int64_t group = num_heads / num_kv_heads;
-    int64_t max_len = 0;
-    for (int64_t b = 0; b < batch; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    /* one work item = a request's heads, or one KV head when there are too few requests to share */
-    const int64_t split = batch >= 2 * nthreads ? 1 : num_kv_heads;
-    const int64_t heads_per_item = num_kv_heads / split;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (batch * split > 1)
-    {
-        float *scores = malloc((size_t)(heads_per_item * group * max_len) * sizeof(float));
-        float *acc = malloc((size_t)(heads_per_item * group * head_dim) * sizeof(float));
-        if (!scores || !acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t item = 0; item < split; item++) {
-                if (!scores || !acc) continue;
-                const int64_t h0 = item * heads_per_item, h1 = h0 + heads_per_item;
-                float *o = out + (b * num_heads + h0 * group) * head_dim;
-                const float *qb = q + b * q_row_stride + h0 * group * head_dim;
-                const int64_t *tb = tables + b * table_width;
-                if (head_dim == 64)
-                    attend_heads(o, qb, cache, tb, seq_lens[b], group, 64, h0, h1, num_kv_heads, block_size, scale, scores, acc);
-                else if (head_dim == 128)
-                    attend_heads(o, qb, cache, tb, seq_lens[b], group, 128, h0, h1, num_kv_heads, block_size, scale, scores, acc);
-                else
-                    attend_heads(o, qb, cache, tb, seq_lens[b], group, head_dim, h0, h1, num_kv_heads, block_size, scale, scores, acc);
-            }
-        free(scores);
-        free(acc);
-    }
-    return failed ? -1 : 0;
+/* round to nearest even, as torch does; NaN stays NaN (quiet bit set) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded);
 }
+
+#define T float
+#define NAME(f) f##_f32
+#define LOAD(x) (x)
+#define STORE(x) (x)
+#include "cpu_ops_impl.h"
+#undef T
+#undef NAME
+#undef LOAD
+#undef STORE
+
+#define T uint16_t
+#define NAME(f) f##_bf16
+#define LOAD(x) bf16_to_f32(x)
+#define STORE(x) f32_to_bf16(x)
+#include "cpu_ops_impl.h"
+#undef T
+#undef NAME
+#undef LOAD
+#undef STORE
+
+/* y[n][o] = sum_i x[n][i] * w[o][i] (+ bias[o]) for a few bfloat16 rows x (decode batches), float32
+ * accumulation, one bfloat16 rounding at the end like torch's linear. torch's own small-batch
+ * bfloat16 matmul on CPU runs well below memory bandwidth; this streams each weight row once with
+ * AVX512-BF16 dot products. Returns -1 when this build lacks AVX512-BF16 (callers use torch then). */
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#define GEMV_MAX_ROWS 8
+
+int di_has_bf16_gemv(void) { return 1; }
+
+int di_linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *w, const uint16_t *bias, int64_t n,
+                   int64_t in, int64_t out, int nthreads) {
+    if (n > GEMV_MAX_ROWS || in % 32 != 0) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const uint16_t *wo = w + o * in;
+        __m512 acc[GEMV_MAX_ROWS];
+        for (int64_t r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i += 32) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wo + i));
+            for (int64_t r = 0; r < n; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)(x + r * in + i)), wv);
+        }
+        const float b = bias ? bf16_to_f32(bias[o]) : 0.0f;
+        for (int64_t r = 0; r < n; r++) {
+            const float dot = _mm512_reduce_add_ps(acc[r]);
+            y[r * out + o] = f32_to_bf16(dot + b); /* bias added in float32, as torch's addmm does */
+        }
+    }
+    return 0;
+}
+#else
+int di_has_bf16_gemv(void) { return 0; }
+
+int di_linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *w, const uint16_t *bias, int64_t n,
+                   int64_t in, int64_t out, int nthreads) {
+    (void)y, (void)x, (void)w, (void)bias, (void)n, (void)in, (void)out, (void)nthreads;
+    return -1;
+}
+#endif

@@ -7,6 +7,7 @@ from torch import nn
 
 from distinfer.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from distinfer.distributed.parallel_state import get_tp_rank, get_tp_world_size
+from distinfer.model.layers.linear import linear
 from distinfer.model.layers.weight_utils import Loaded, copy_into, narrow_checked, set_weight_loader
 
 
@@ -51,7 +52,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab], gathered over the TP group."""
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight)
         if self.tp_size > 1:
             logits = tensor_model_parallel_all_gather(logits, dim=-1)[:, : self.num_embeddings]
         return logits.float()

@@ -12,6 +12,7 @@ from torch import nn
 
 from distinfer.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from distinfer.distributed.parallel_state import get_tp_rank, get_tp_world_size
+from distinfer.model.kernels import cpu
 from distinfer.model.layers.weight_utils import (
     Loaded,
     copy_into,
@@ -20,6 +21,13 @@ from distinfer.model.layers.weight_utils import (
     set_weight_loader,
     shard_range,
 )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the CPU bfloat16 small-batch kernel where it applies (decode steps)."""
+    if cpu.small_batch_linear_applies(x, weight):
+        return cpu.linear_bf16(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _param(*shape: int, dtype: torch.dtype | None) -> nn.Parameter:
@@ -51,7 +59,7 @@ class ColumnParallelLinear(nn.Module):
         copy_into(param, narrow_checked(loaded, 0, self.output_size, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return tensor_model_parallel_all_gather(y) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -154,8 +162,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = tensor_model_parallel_all_reduce(y)
         return y if self.bias is None else y + self.bias
