@@ -112,15 +112,18 @@ def test_chunked_prefill_then_decode(models):
     check_against_hf(hf, run_schedule(ours, seqs, steps), seqs)
 
 
-def test_mixed_batch(models):
+def _check_mixed_batch(hf, ours) -> None:
     """Decode rows (non-contiguous, different lengths), a chunked-prefill row and a fresh prefill row."""
-    hf, ours = models
     seqs = _seqs(hf.config.vocab_size, {"dec": 10, "chunk": 10, "dec2": 7, "fresh": 7})
     steps = [
         [("dec", 9), ("chunk", 4), ("dec2", 6)],
         [("dec", 1), ("chunk", 6), ("dec2", 1), ("fresh", 7)],
     ]
     check_against_hf(hf, run_schedule(ours, seqs, steps, seed=3), seqs)
+
+
+def test_mixed_batch(models):
+    _check_mixed_batch(*models)
 
 
 def test_batched_decode_equal_and_unequal_lengths(models):
@@ -170,3 +173,14 @@ def test_missing_and_unexpected_weights():
         model.load_weights((k, v) for k, v in hf_state.items() if k != "lm_head.weight")
     with pytest.raises(ValueError, match="no matching parameter"):
         model.load_weights([("model.layers.0.foo.weight", torch.zeros(1))])
+
+
+def test_plain_torch_path_matches_hf(models, monkeypatch):
+    """With the fused CPU kernels unavailable (no compiler, or DISTINFER_CPU_KERNELS=0) every layer
+    and the attention fall back to torch ops, with the same results."""
+    from distinfer.model.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_tried", True)
+    assert not cpu.enabled_for(torch.ones(1))
+    _check_mixed_batch(*models)

@@ -63,7 +63,9 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), " ".join(_FLAGS + _LIBS), version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DISTINFER_CACHE_DIR", Path.home() / ".cache" / "distinfer")) / "kernels"
+    from distinfer.model.loader import cache_dir  # lazy: the loader imports the model, which imports us
+
+    cache = cache_dir() / "kernels"
     target = cache / f"libdistinfer_cpu-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ def small_batch_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bfloat16 x of at most GEMV_MAX_ROWS rows on a CPU with AVX512-BF16, where torch's own
     bfloat16 matmul streams the weights at a fraction of memory bandwidth."""
     return (x.dtype is torch.bfloat16 and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
-            and weight.shape[1] % 32 == 0 and enabled_for(x, weight) and _bf16_gemv)
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and enabled_for(x, weight) and _bf16_gemv)
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
