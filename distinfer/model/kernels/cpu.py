@@ -58,15 +58,19 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _build_key(cc: str) -> str:
+    """Identifies a build: sources, flags, compiler version and the CPU (-march=native)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    parts = [*(src.read_text() for src in _SOURCES), " ".join(_FLAGS + _LIBS), version, _cpu_flags()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def _build(cc: str) -> Path:
     """Compile into the cache (atomic rename, so concurrent processes never load a partial file)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), " ".join(_FLAGS + _LIBS), version, _cpu_flags()])
-                         .encode()).hexdigest()[:16]
     from distinfer.model.loader import cache_dir  # lazy: the loader imports the model, which imports us
 
     cache = cache_dir() / "kernels"
-    target = cache / f"libdistinfer_cpu-{key}.so"
+    target = cache / f"libdistinfer_cpu-{_build_key(cc)}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
@@ -78,9 +82,6 @@ def _build(cc: str) -> Path:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, target)
         logger.info("built CPU kernels %s", target)
-        for stale in cache.glob("libdistinfer_cpu-*.so"):  # other sources/compilers; safe to unlink if mapped
-            if stale != target:
-                stale.unlink(missing_ok=True)
     return target
 
 
