@@ -122,3 +122,15 @@ def test_bf16_small_batch_linear_matches_torch(rows, bias):
     assert (out != ref).float().mean() < 0.01
     assert not cpu.small_batch_linear_applies(torch.randn(8, 576).bfloat16(), w)  # larger batches: torch GEMM
     assert not cpu.small_batch_linear_applies(torch.randn(1, 576), w.float())  # float32: MKL is at bandwidth
+
+
+def test_out_of_range_slots_and_blocks_raise_instead_of_touching_memory():
+    cache = make_kv_cache(4, 4, 1, 8, torch.float32, "cpu")
+    kv = torch.randn(2, 2, 1, 8)
+    with pytest.raises(IndexError, match="outside the cache's 16 slots"):
+        cpu.write_kv(cache, kv, torch.tensor([3, 16]))
+    assert cache.abs().sum() == 0  # nothing written, not even the valid slot
+    q = torch.randn(1, 2, 8)
+    for table, lens in (([[0, 4]], [6]), ([[0, -1]], [6]), ([[0]], [6])):  # block past the cache, negative, short table
+        with pytest.raises(IndexError):
+            cpu.paged_decode_attention(q, cache, torch.tensor(table), torch.tensor(lens), 0.3)

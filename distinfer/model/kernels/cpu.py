@@ -36,11 +36,11 @@ _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes
 _SIGNATURES = {
     "di_rms_norm": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int]),
     "di_rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
-    "di_write_kv": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr]),
+    "di_write_kv": (_int, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64]),
     "di_silu_mul": (None, [_ptr, _ptr, _i64, _i64, _int]),
     "di_linear": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
-    "di_paged_decode_attention": (_int, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64,
-                                         _i64, _f32, _int]),
+    "di_paged_decode_attention": (_int, [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64,
+                                         _i64, _i64, _f32, _int]),
 }
 
 
@@ -172,8 +172,10 @@ def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tenso
     """kv [T, 2, Hkv, D] (rows may be strided) into the cache slots `slot_mapping` (int64)."""
     assert kv_cache.is_contiguous() and _row_major(kv) and slot_mapping.dtype == torch.int64
     slot_mapping = slot_mapping.contiguous()
-    _kernel("di_write_kv", kv.dtype)(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
-                     slot_mapping.data_ptr())
+    num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+    if _kernel("di_write_kv", kv.dtype)(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
+                                        slot_mapping.data_ptr(), num_slots) != 0:
+        raise IndexError(f"KV write: a slot in the slot mapping is outside the cache's {num_slots} slots")
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +196,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     assert block_tables.dtype == seq_lens.dtype == torch.int64 and seq_lens.is_contiguous()
     out = q.new_empty(b, hq, d)
     status = _kernel("di_paged_decode_attention", q.dtype)(
-        out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), block_tables.data_ptr(),
+        out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.shape[0], block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), b, hq, hkv, d, block_size, scale, torch.get_num_threads())
+    if status == -2:
+        raise IndexError("paged decode attention: a context length or block id is outside the block tables/cache")
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffer")
     return out

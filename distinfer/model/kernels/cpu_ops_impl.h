@@ -48,11 +48,15 @@ void NAME(di_rope)(T *x, int64_t tokens, int64_t heads, int64_t head_dim, int64_
     }
 }
 
-/* kv: [tokens] rows of slot_elems elements (K heads then V heads), rows `row_stride` apart. */
-void NAME(di_write_kv)(T *cache, const T *kv, int64_t tokens, int64_t row_stride, int64_t slot_elems,
-                       const int64_t *slots) {
+/* kv: [tokens] rows of slot_elems elements (K heads then V heads), rows `row_stride` apart.
+ * Returns -1 (and writes nothing) when a slot is outside [0, num_slots). */
+int NAME(di_write_kv)(T *cache, const T *kv, int64_t tokens, int64_t row_stride, int64_t slot_elems,
+                      const int64_t *slots, int64_t num_slots) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     for (int64_t t = 0; t < tokens; t++)
         memcpy(cache + slots[t] * slot_elems, kv + t * row_stride, (size_t)slot_elems * sizeof(T));
+    return 0;
 }
 
 /* x: [rows, 2 * inter] (gate then up); out: [rows, inter]. silu(g) = g / (1 + exp(-g)). */
@@ -117,14 +121,21 @@ static inline __attribute__((always_inline)) void NAME(attend_heads)(
 
 /* q: [batch] rows (q_row_stride elements apart) of [num_heads, head_dim]; out: [batch, num_heads,
  * head_dim] contiguous; tables: [batch, table_width] block ids; seq_lens: [batch] keys per row.
- * Returns 0, or -1 when scratch memory could not be allocated. */
-int NAME(di_paged_decode_attention)(T *out, const T *q, int64_t q_row_stride, const T *cache,
+ * Returns 0; -1 when scratch memory could not be allocated; -2 when a length or block id is out of
+ * range (nothing is read then). */
+int NAME(di_paged_decode_attention)(T *out, const T *q, int64_t q_row_stride, const T *cache, int64_t num_blocks,
                                     const int64_t *tables, int64_t table_width, const int64_t *seq_lens,
                                     int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t block_size, float scale, int nthreads) {
     const int64_t group = num_heads / num_kv_heads;
     int64_t max_len = 0;
-    for (int64_t b = 0; b < batch; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t len = seq_lens[b], used = (len + block_size - 1) / block_size;
+        if (len < 1 || used > table_width) return -2;
+        for (int64_t j = 0; j < used; j++)
+            if (tables[b * table_width + j] < 0 || tables[b * table_width + j] >= num_blocks) return -2;
+        max_len = len > max_len ? len : max_len;
+    }
     /* one work item = a request's heads, or one KV head when there are too few requests to share */
     const int64_t split = batch >= 2 * nthreads ? 1 : num_kv_heads;
     const int64_t heads_per_item = num_kv_heads / split, rows = heads_per_item * group;
