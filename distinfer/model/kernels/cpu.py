@@ -87,7 +87,7 @@ def _build(cc: str) -> Path:
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, or None when disabled or it cannot be built (logged once)."""
-    global _lib, _tried
+    global _lib, _tried, _bf16_gemv
     if _tried:
         return _lib
     with _lock:
@@ -111,7 +111,6 @@ def load() -> ctypes.CDLL | None:
                 fn = getattr(lib, f"{name}_{suffix}", None)
                 if fn is not None:
                     fn.restype, fn.argtypes = restype, argtypes
-        global _bf16_gemv
         _bf16_gemv = bool(lib.di_has_bf16_gemv())
         _lib = lib
     return _lib
