@@ -1,15 +1,17 @@
-"""What the sync and asyncio clients share: request building, credentials, metadata, retries."""
+"""What the sync and asyncio clients share: request building, credentials, metadata, retries, channel."""
 from __future__ import annotations
 
 import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from distinfer.v1 import inference_pb2 as pb
+from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
 SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 Prompt = Union[str, Sequence[int]]  # text, or token ids of the served model
@@ -94,3 +96,37 @@ def build_generate_request(prompt: Prompt, request_id: str | None, priority: int
         request.token_ids.SetInParent()  # an empty list is still a token-id prompt (the server refuses it)
         request.token_ids.ids.extend(list(prompt))
     return request
+
+
+class ClientBase:
+    """Channel, stubs, default deadline, retry policy and Generate calls of `Client` and `AsyncClient`;
+    `_grpc` is the module whose channels the subclass speaks (grpc, or grpc.aio)."""
+
+    _grpc: Any = grpc
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None, tls_server_name: str | None = None,
+                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+        self.config = ConnectionConfig.create(target, api_key, tls, root_certificates, tls_server_name)
+        self.timeout = timeout  # default deadline of every call, in seconds (None: none)
+        self.retry = retry
+        credentials = self.config.credentials()
+        options = self.config.options()
+        self._channel = (self._grpc.secure_channel(target, credentials, options) if credentials is not None
+                         else self._grpc.insecure_channel(target, options))
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _generate_call(self, prompt: Prompt, request_id: str | None, priority: int, model: str,
+                       timeout: float | None, sampling: dict[str, Any]) -> tuple[Callable[[], Any], str]:
+        """(a function that starts the Generate call, its request id): streams restart it on retry."""
+        request = build_generate_request(prompt, request_id, priority, model, sampling)
+        deadline = self._timeout(timeout)
+
+        def start() -> Any:
+            return self._stub.Generate(request, timeout=deadline, metadata=self.config.metadata())
+
+        return start, request.request_id

@@ -7,9 +7,9 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from distinfer.client._common import ConnectionConfig, Prompt, RetryPolicy, build_generate_request
+from distinfer.client._common import ClientBase, Prompt, RetryPolicy
 from distinfer.client.errors import UnavailableError, from_rpc_error, is_retryable
 from distinfer.client.types import (
     GenerateDelta,
@@ -20,7 +20,6 @@ from distinfer.client.types import (
     TokenizeResult,
 )
 from distinfer.v1 import inference_pb2 as pb
-from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +81,7 @@ class AsyncGenerateStream:
         self.cancel()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio client of a distinfer gRPC server.
 
         async with AsyncClient("127.0.0.1:50051") as client:
@@ -90,21 +89,7 @@ class AsyncClient:
                 print(delta.text, end="")
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool = False,
-                 root_certificates: bytes | str | None = None, tls_server_name: str | None = None,
-                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
-        self.config = ConnectionConfig.create(target, api_key, tls, root_certificates, tls_server_name)
-        self.timeout = timeout
-        self.retry = retry
-        credentials = self.config.credentials()
-        options = self.config.options()
-        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials is not None
-                         else grpc.aio.insecure_channel(target, options))
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    _grpc = grpc.aio
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
         attempt = 0
@@ -121,13 +106,8 @@ class AsyncClient:
     def generate_stream(self, prompt: Prompt, *, request_id: str | None = None, priority: int = 0, model: str = "",
                         timeout: float | None = None, **sampling: Any) -> AsyncGenerateStream:
         """Stream deltas; `sampling` takes SamplingParams names (max_tokens, temperature, stop, n, ...)."""
-        request = build_generate_request(prompt, request_id, priority, model, sampling)
-        deadline = self._timeout(timeout)
-
-        def start() -> Any:
-            return self._stub.Generate(request, timeout=deadline, metadata=self.config.metadata())
-
-        return AsyncGenerateStream(start, request.request_id, self.retry)
+        start, request_id = self._generate_call(prompt, request_id, priority, model, timeout, sampling)
+        return AsyncGenerateStream(start, request_id, self.retry)
 
     async def generate(self, prompt: Prompt, *, request_id: str | None = None, priority: int = 0, model: str = "",
                        timeout: float | None = None, **sampling: Any) -> GenerateResult:

@@ -6,9 +6,9 @@ import time
 from typing import Any, Callable, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from distinfer.client._common import ConnectionConfig, Prompt, RetryPolicy, build_generate_request
+from distinfer.client._common import ClientBase, Prompt, RetryPolicy
 from distinfer.client.errors import UnavailableError, from_rpc_error, is_retryable
 from distinfer.client.types import (
     GenerateDelta,
@@ -19,7 +19,6 @@ from distinfer.client.types import (
     TokenizeResult,
 )
 from distinfer.v1 import inference_pb2 as pb
-from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,30 +77,14 @@ class GenerateStream:
         self.cancel()
 
 
-class Client:
+class Client(ClientBase):
     """Blocking client of a distinfer gRPC server.
 
         client = Client("127.0.0.1:50051", api_key="...")
         print(client.generate("The capital of France is", max_tokens=16, temperature=0).text)
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool = False,
-                 root_certificates: bytes | str | None = None, tls_server_name: str | None = None,
-                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
-        self.config = ConnectionConfig.create(target, api_key, tls, root_certificates, tls_server_name)
-        self.timeout = timeout  # default deadline of every call, in seconds (None: none)
-        self.retry = retry
-        credentials = self.config.credentials()
-        options = self.config.options()
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
-                         else grpc.insecure_channel(target, options))
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    # ------------------------------------------------------------ plumbing
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    _grpc = grpc
 
     def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
         attempt = 0
@@ -120,13 +103,8 @@ class Client:
     def generate_stream(self, prompt: Prompt, *, request_id: str | None = None, priority: int = 0, model: str = "",
                         timeout: float | None = None, **sampling: Any) -> GenerateStream:
         """Stream deltas; `sampling` takes SamplingParams names (max_tokens, temperature, stop, n, ...)."""
-        request = build_generate_request(prompt, request_id, priority, model, sampling)
-        deadline = self._timeout(timeout)
-
-        def start() -> Any:
-            return self._stub.Generate(request, timeout=deadline, metadata=self.config.metadata())
-
-        return GenerateStream(start, request.request_id, self.retry)
+        start, request_id = self._generate_call(prompt, request_id, priority, model, timeout, sampling)
+        return GenerateStream(start, request_id, self.retry)
 
     def generate(self, prompt: Prompt, *, request_id: str | None = None, priority: int = 0, model: str = "",
                  timeout: float | None = None, **sampling: Any) -> GenerateResult:
