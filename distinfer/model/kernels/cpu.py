@@ -134,7 +134,7 @@ def _kernel(name: str, dtype: torch.dtype):
     return getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
 
 
-def _row_major(t: torch.Tensor) -> bool:
+def row_major(t: torch.Tensor) -> bool:
     """Rows may be strided, but each row's elements are contiguous."""
     expected = 1
     for dim in range(t.dim() - 1, 0, -1):
@@ -162,14 +162,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """In place: x [T, H, D] (rows may be strided) <- x*cos + rotate_half(x)*sin; cos/sin [T, 1, D]."""
     t, h, d = x.shape
-    assert _row_major(x) and cos.is_contiguous() and sin.is_contiguous()
+    assert row_major(x) and cos.is_contiguous() and sin.is_contiguous()
     _kernel("di_rope", x.dtype)(x.data_ptr(), t, h, d, x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
     return x
 
 
 def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv [T, 2, Hkv, D] (rows may be strided) into the cache slots `slot_mapping` (int64)."""
-    assert kv_cache.is_contiguous() and _row_major(kv) and slot_mapping.dtype == torch.int64
+    assert kv_cache.is_contiguous() and row_major(kv) and slot_mapping.dtype == torch.int64
     slot_mapping = slot_mapping.contiguous()
     num_slots = kv_cache.shape[0] * kv_cache.shape[1]
     if _kernel("di_write_kv", kv.dtype)(kv_cache.data_ptr(), kv.data_ptr(), kv.shape[0], kv.stride(0), kv[0].numel(),
@@ -191,7 +191,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     """q [B, Hq, D] (rows may be strided), block_tables [B, width] int64, seq_lens [B] int64 -> [B, Hq, D]."""
     b, hq, d = q.shape
     _, block_size, _, hkv, _ = kv_cache.shape
-    assert _row_major(q) and kv_cache.is_contiguous() and block_tables.is_contiguous()
+    assert row_major(q) and kv_cache.is_contiguous() and block_tables.is_contiguous()
     assert block_tables.dtype == seq_lens.dtype == torch.int64 and seq_lens.is_contiguous()
     out = q.new_empty(b, hq, d)
     status = _kernel("di_paged_decode_attention", q.dtype)(

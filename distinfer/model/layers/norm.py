@@ -29,11 +29,12 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); the fused CPU
         kernel writes the sum into `residual` in place (the layer stack owns that buffer)."""
-        if cpu.enabled_for(x) and (residual is None or (residual.is_contiguous() and cpu.enabled_for(residual))):
-            return cpu.rms_norm(x, self.weight, self.eps) if residual is None else \
-                (cpu.rms_norm(x, self.weight, self.eps, residual), residual)
         if residual is None:
+            if cpu.enabled_for(x, self.weight):
+                return cpu.rms_norm(x, self.weight, self.eps)
             return self._norm(x)
+        if residual.is_contiguous() and cpu.enabled_for(x, residual, self.weight):
+            return cpu.rms_norm(x, self.weight, self.eps, residual), residual
         x = x + residual
         return self._norm(x), x
 

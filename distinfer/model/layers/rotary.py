@@ -62,7 +62,7 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """In place: x [T, H, D] (may be a strided view) <- x*cos + rotate_half(x)*sin; returns x."""
-        if cpu.enabled_for(x, cos) and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        if cpu.enabled_for(x, cos, sin) and cpu.row_major(x):
             return cpu.rope_(x, cos, sin)
         t, h, d = x.shape
         swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)  # [x2, x1], a copy
