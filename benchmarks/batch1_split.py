@@ -17,18 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hf_reference_model  # noqa: E402
+from throughput import hf_batch1_seconds, ours_batch1_seconds, warm_up_batch1  # noqa: E402
 
-import distinfer.model.layers.linear as linear_module  # noqa: E402
-from distinfer import LLM, SamplingParams  # noqa: E402
+from distinfer import LLM  # noqa: E402
 
 
 class LinearTimer:
-    """Accumulates wall time spent in F.linear while installed (as F.linear and in our linear layers)."""
+    """Accumulates wall time spent in F.linear while installed (our layers and transformers call it)."""
 
     def __init__(self) -> None:
         self.seconds, self._orig = 0.0, F.linear
@@ -41,27 +40,19 @@ class LinearTimer:
 
     def __enter__(self) -> "LinearTimer":
         self.seconds = 0.0
-        F.linear = linear_module.F.linear = self._timed
+        F.linear = self._timed
         return self
 
     def __exit__(self, *exc) -> None:
-        F.linear = linear_module.F.linear = self._orig
+        F.linear = self._orig
 
 
 def measure(llm: LLM, hf_model, prompt: list[int], new_tokens: int) -> dict:
-    ids = torch.tensor([prompt])
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    with torch.inference_mode():
-        hf_model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-        with LinearTimer() as hf_linear:
-            start = time.perf_counter()
-            hf_model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            hf_total = time.perf_counter() - start
-    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    warm_up_batch1(llm, hf_model, prompt, new_tokens)
+    with LinearTimer() as hf_linear:
+        hf_total = hf_batch1_seconds(hf_model, prompt, new_tokens)
     with LinearTimer() as our_linear:
-        start = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
-        our_total = time.perf_counter() - start
+        our_total = ours_batch1_seconds(llm, prompt, new_tokens)
     per_token = 1e3 / new_tokens
     return {
         "hf_ms": hf_total * per_token, "hf_linear_ms": hf_linear.seconds * per_token,

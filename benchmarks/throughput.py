@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,18 +74,31 @@ def run_hf(model, work: Workload, batch_size: int, pad_id: int) -> float:
     return work.num_output_tokens / (time.perf_counter() - start)
 
 
-def batch1_decode(llm: LLM, hf_model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def warm_up_batch1(llm: LLM, hf_model, prompt: list[int], new_tokens: int) -> None:
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
+    with torch.inference_mode():
+        hf_model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)
+
+
+def ours_batch1_seconds(llm: LLM, prompt: list[int], new_tokens: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([prompt], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     llm.generate([prompt], params, use_tqdm=False)
-    ours = new_tokens / (time.perf_counter() - start)
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        hf_model.generate(ids, max_new_tokens=4, do_sample=False)
-        start = time.perf_counter()
-        hf_model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return ours, new_tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def hf_batch1_seconds(hf_model, prompt: list[int], new_tokens: int) -> float:
+    start = time.perf_counter()
+    hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start
+
+
+def batch1_decode(llm: LLM, hf_model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(our, transformers') tokens/s decoding `new_tokens` after `prompt`, one request, after a warm-up."""
+    warm_up_batch1(llm, hf_model, prompt, new_tokens)
+    return (new_tokens / ours_batch1_seconds(llm, prompt, new_tokens),
+            new_tokens / hf_batch1_seconds(hf_model, prompt, new_tokens))
 
 
 def main() -> None:
