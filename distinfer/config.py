@@ -79,11 +79,18 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     policy: SchedulingPolicy | str = SchedulingPolicy.FCFS
-    max_waiting_requests: int = 4096
+    max_waiting_requests: int = 4096  # also AsyncLLM's bound on pending requests (429 / RESOURCE_EXHAUSTED)
+    # A step (schedule, forward on every rank, sample) running longer than this means a hung forward or
+    # collective: the engine is marked dead, its requests fail, and `distinfer serve` exits.
+    step_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         try:

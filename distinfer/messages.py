@@ -91,6 +91,9 @@ class ModelRunnerOutput:
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
     logprobs: list[list[TokenLogprobs] | None] | None = None
+    # Requests that could not be sampled this step (non-finite logits, a sampler error) -> the reason,
+    # safe to show the client. The scheduler ends each with FinishReason.ERROR; the others go on.
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id that finished it, if any
     num_cached_tokens: int = 0
+    error: str | None = None  # why it finished with FinishReason.ERROR
 
     @property
     def finished(self) -> bool:
@@ -157,6 +161,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # Set when the request failed inside the engine (finish_reason "error"); its other sequences were
+    # aborted. AsyncLLM raises RequestFailedError with it instead of returning this output.
+    error: str | None = None
 
 
 @dataclass

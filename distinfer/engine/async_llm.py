@@ -2,6 +2,12 @@
 
 Every caller's request joins the same continuous batch. Commands (add/abort) cross into the loop
 thread through a queue; outputs cross back with `call_soon_threadsafe` onto each caller's loop.
+Text prompts are tokenized on a worker thread, never on the caller's event loop.
+
+Fault isolation: a request the engine refuses, or that fails while it runs (non-finite logits, a
+sampling or detokenizing error), ends alone with its error; only a failure of the step itself (the
+model forward, a worker) kills the engine. A watchdog thread marks the engine dead when one step runs
+longer than `step_timeout_s` (a hung forward or collective) and fails every request in flight.
 """
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -17,8 +24,7 @@ from distinfer.engine.engine import LLMEngine
 from distinfer.engine.input_processor import PromptType
 from distinfer.engine.llm import build_config
 from distinfer.engine.output_processor import RequestOutputKind
-from distinfer.engine.scheduler import QueueFullError
-from distinfer.executor.base import EngineDeadError, EngineDrainingError
+from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestFailedError
 from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, FinishReason, RequestOutput
 from distinfer.sampling_params import SamplingParams
 
@@ -36,6 +42,10 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _needs_tokenizing(prompt: PromptType) -> bool:
+    return isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)
 
 
 def _aborted_output(request: EngineRequest) -> RequestOutput:
@@ -56,8 +66,13 @@ class AsyncLLM:
         self.max_pending_requests = self.engine.config.scheduler.max_waiting_requests
         self.dead_error: EngineDeadError | None = None
         self._step_callbacks: list[StepCallback] = []
+        self.step_timeout_s = self.engine.config.scheduler.step_timeout_s
+        self._step_started: float | None = None  # monotonic start of the step in progress (loop thread)
+        self._shutdown_event = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="distinfer-step-loop", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch_steps, name="distinfer-step-watchdog", daemon=True)
+        self._watchdog.start()
 
     @property
     def tokenizer(self):
@@ -90,8 +105,9 @@ class AsyncLLM:
         priority: int = 0,
         output_kind: RequestOutputKind = RequestOutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs; cancelling the iteration (or the task) aborts the request."""
-        stream = self._submit(prompt, sampling_params, request_id, priority, output_kind)
+        """Stream outputs; cancelling the iteration (or the task) aborts the request. A request that
+        fails inside the engine raises RequestFailedError (its message is safe to show a client)."""
+        stream = await self._submit(prompt, sampling_params, request_id, priority, output_kind)
         finished = False
         try:
             while True:
@@ -106,12 +122,14 @@ class AsyncLLM:
             if not finished:
                 self._send_abort([request_id], notify=False)
 
-    def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
-        if self.dead_error is not None:
-            raise self.dead_error
-        if self._stopped or self._draining:
-            raise EngineDrainingError("engine is draining or shut down: not accepting new requests")
-        request = self.engine.input_processor.process(request_id, prompt, params, priority=priority)
+    async def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
+        self._check_accepting()
+        process = self.engine.input_processor.process
+        if _needs_tokenizing(prompt):  # tokenizers release the GIL: the caller's loop keeps serving
+            request = await asyncio.to_thread(process, request_id, prompt, params, priority=priority)
+            self._check_accepting()
+        else:
+            request = process(request_id, prompt, params, priority=priority)
         with self._lock:
             if self.dead_error is not None:  # checked again under the lock that _fail_all takes
                 raise self.dead_error
@@ -124,6 +142,12 @@ class AsyncLLM:
         self._inbox.put(("add", request, output_kind))
         self._wake.set()
         return stream
+
+    def _check_accepting(self) -> None:
+        if self.dead_error is not None:
+            raise self.dead_error
+        if self._stopped or self._draining:
+            raise EngineDrainingError("engine is draining or shut down: not accepting new requests")
 
     async def abort(self, request_id: str | list[str]) -> None:
         self._send_abort([request_id] if isinstance(request_id, str) else list(request_id), notify=True)
@@ -148,10 +172,24 @@ class AsyncLLM:
         while self._streams and asyncio.get_running_loop().time() < deadline and not self.is_dead:
             await asyncio.sleep(0.05)
 
+    def abort_all(self, error: BaseException) -> int:
+        """End every request in flight with `error` (e.g. the drain time ran out) and free its KV
+        blocks; returns how many there were."""
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.put(error)
+        if streams:
+            self._inbox.put(("abort", [s.request.request_id for s in streams], None))
+            self._wake.set()
+        return len(streams)
+
     def shutdown(self) -> None:
         self._stopped = True
+        self._shutdown_event.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        # A dead engine's loop may be stuck in a hung step that nothing can interrupt: do not wait for it.
+        self._thread.join(timeout=1.0 if self.is_dead else 30.0)
         self.engine.shutdown()
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
@@ -171,7 +209,11 @@ class AsyncLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
+                self._step_started = time.monotonic()
                 outputs = self.engine.step()
+                self._step_started = None
+                if self.dead_error is not None:  # the watchdog gave up on this step meanwhile
+                    return
                 self._dispatch(outputs)
                 self._notify(outputs, [])
         except BaseException as exc:  # the engine is unusable: fail everyone, clearly
@@ -195,10 +237,13 @@ class AsyncLLM:
                 self._notify([], payload)
 
     def _add(self, request: EngineRequest, kind: RequestOutputKind) -> None:
-        """A request the engine refuses fails alone; the loop goes on."""
+        """A request the engine refuses (or fails to queue) fails alone; the loop goes on."""
         try:
             self.engine.add_processed_request(request, kind)
-        except (QueueFullError, ValueError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (QueueFullError, ValueError)):
+                logger.exception("adding request %s failed", request.request_id)
+                exc = RequestFailedError(request.request_id, "internal error while queueing it (details are in the server log)")
             with self._lock:
                 stream = self._streams.pop(request.request_id, None)
             if stream is not None:
@@ -211,7 +256,7 @@ class AsyncLLM:
                 if stream is not None and output.finished:
                     del self._streams[output.request_id]
             if stream is not None:
-                stream.put(output)
+                stream.put(output if output.error is None else RequestFailedError(output.request_id, output.error))
 
     def _notify(self, outputs: list[RequestOutput], aborted: list[str]) -> None:
         if not self._step_callbacks:
@@ -224,8 +269,33 @@ class AsyncLLM:
                 logger.exception("step callback %r failed", callback)
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        self.dead_error = error
         with self._lock:
+            if self.dead_error is None:  # the first cause is the one reported
+                self.dead_error = error
+            error = self.dead_error
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream.put(error)
+
+    # ------------------------------------------------------------ watchdog thread
+
+    def _watch_steps(self) -> None:
+        """Mark the engine dead when a step runs past step_timeout_s (checked a few times a second)."""
+        interval = min(1.0, self.step_timeout_s / 10)
+        while not self._shutdown_event.wait(interval):
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout_s:
+                self._on_hung_step(time.monotonic() - started)
+                return
+            if self.dead_error is not None:
+                return
+
+    def _on_hung_step(self, elapsed_s: float) -> None:
+        reason = (f"engine is dead: a step has run {elapsed_s:.0f} s, past the step timeout "
+                  f"({self.step_timeout_s:g} s): the model forward or a collective is hung")
+        logger.error("%s; failing every request in flight", reason)
+        self._fail_all(EngineDeadError(reason))
+        try:  # release the workers (a Ray executor's wait then returns); an in-process forward cannot be interrupted
+            self.engine.executor.shutdown()
+        except Exception:
+            logger.exception("releasing the workers of the hung engine failed")

@@ -91,12 +91,17 @@ class LLMEngine:
         return request
 
     def add_processed_request(self, request: EngineRequest, output_kind: RequestOutputKind) -> None:
+        """Queue a processed request, all of it or (on any error, which is raised) nothing."""
         if request.sampling_params.max_tokens is None:
             request.sampling_params.max_tokens = self.max_model_len - len(request.prompt_token_ids)
         children = self.output_processor.add_request(request, output_kind)
         group_id = request.request_id if len(children) > 1 else None
-        for child in children:
-            self.scheduler.add_request(Request.from_engine_request(child, group_id=group_id))
+        try:
+            for child in children:
+                self.scheduler.add_request(Request.from_engine_request(child, group_id=group_id))
+        except BaseException:
+            self.abort_request(request.request_id)
+            raise
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -128,6 +133,8 @@ class LLMEngine:
         if processed.reqs_to_abort:
             # Stop strings end requests the scheduler still thinks are running.
             self.scheduler.finish_requests(processed.reqs_to_abort, FinishReason.STOP)
+        if processed.reqs_to_fail:
+            self.scheduler.finish_requests(processed.reqs_to_fail, FinishReason.ERROR)
         self.last_step = StepStats(t1 - t0, t2 - t1, time.perf_counter() - t2, scheduler_output.total_num_scheduled_tokens)
         return processed.request_outputs
 

@@ -30,6 +30,8 @@ def build_config(
     max_num_seqs: int = 128,
     max_num_batched_tokens: int = 2048,
     scheduling_policy: str = "fcfs",
+    max_waiting_requests: int = 4096,
+    step_timeout_s: float = 120.0,
     block_size: int = 16,
     num_kv_blocks: int | None = None,
     kv_cache_bytes: int = 2 << 30,
@@ -43,7 +45,8 @@ def build_config(
     return DistInferConfig(
         model=ModelConfig(model, tokenizer, dtype, load_format, max_model_len, seed, device),
         cache=CacheConfig(block_size, num_kv_blocks, kv_cache_bytes, enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, scheduling_policy),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, scheduling_policy, max_waiting_requests,
+                                  step_timeout_s),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size,
                                 pipeline_layer_partition),
     )

@@ -30,7 +30,7 @@ from distinfer.messages import (
     RequestOutput,
     TokenLogprobs,
 )
-from distinfer.sampling_params import SamplingParams
+from distinfer.sampling_params import SamplingParams, child_seed
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,14 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = "final_only"  # one output, when the request (all n children) finished
 
 
+DETOKENIZE_FAILED = "internal error while detokenizing (details are in the server log)"
+
+
 @dataclass
 class ProcessedOutputs:
     request_outputs: list[RequestOutput] = field(default_factory=list)
     reqs_to_abort: list[str] = field(default_factory=list)  # internal ids a stop string finished
+    reqs_to_fail: list[str] = field(default_factory=list)  # internal ids ended by an error here (or a sibling's)
 
 
 def _to_logprob_dict(lp: TokenLogprobs, decode: TokenDecoder | None) -> dict[int, Logprob]:
@@ -80,6 +84,7 @@ class _ChildState:
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None
         self.sent_tokens = self.sent_chars = self.sent_logprobs = 0
         self.dirty = False  # changed since the last RequestOutput
 
@@ -101,8 +106,12 @@ class _ChildState:
             if piece and len(self.token_ids) > self.params.min_tokens and self._check_stop(len(piece)):
                 return j + 1
         if out.finish_reason is not None:
-            self._finish(out.finish_reason.value, out.stop_reason)
+            self.finish(out.finish_reason.value, out.stop_reason)
         return len(out.new_token_ids)
+
+    def fail(self, reason: str) -> None:
+        self.finish(FinishReason.ERROR.value, None)
+        self.error = reason
 
     def _append_token(self, token_id: int, lp: TokenLogprobs | None) -> None:
         self.token_ids.append(token_id)
@@ -117,10 +126,10 @@ class _ChildState:
             return False
         stop, keep = hit
         self.text = self.text[:keep]
-        self._finish(FinishReason.STOP.value, stop)
+        self.finish(FinishReason.STOP.value, stop)
         return True
 
-    def _finish(self, reason: str, stop_reason: int | str | None) -> None:
+    def finish(self, reason: str, stop_reason: int | str | None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.dirty = True
 
@@ -156,6 +165,10 @@ class _ParentState:
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
 
+    @property
+    def error(self) -> str | None:
+        return next((c.error for c in self.children if c.error is not None), None)
+
     def record(self, out: EngineCoreOutput, num_new_tokens: int, now: float) -> None:
         m = self.metrics
         m.num_cached_tokens = max(m.num_cached_tokens, out.num_cached_tokens)
@@ -176,7 +189,7 @@ class _ParentState:
             outputs = [c.completion(delta=False) for c in self.children]
         req = self.request
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
-                             replace(self.metrics), self.metrics.num_cached_tokens)
+                             replace(self.metrics), self.metrics.num_cached_tokens, self.error)
 
 
 class OutputProcessor:
@@ -209,7 +222,7 @@ class OutputProcessor:
 
     @staticmethod
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-        seed = params.seed + index if params.seed is not None else None
+        seed = child_seed(params.seed, index) if params.seed is not None else None
         return params.clone(n=1, seed=seed)
 
     def _new_child(self, request: EngineRequest, index: int) -> _ChildState:
@@ -229,11 +242,13 @@ class OutputProcessor:
             if entry is None:  # unknown, aborted, or finished by a stop string a step earlier
                 continue
             parent, child = entry
-            kept = child.update(out)
+            kept = self._update_child(child, out, result)
             if child.finished:
                 del self._children[child.req_id]
-                if out.finish_reason is None:  # a stop string ended it: the scheduler must too
+                if out.finish_reason is None and child.error is None:  # a stop string ended it: the scheduler must too
                     result.reqs_to_abort.append(child.req_id)
+            if child.error is not None:  # one sequence failed: the whole request ends with its error
+                result.reqs_to_fail.extend(self._abort_siblings(parent))
             parent.record(out, kept, now)
             touched[parent.request.request_id] = parent
         for rid, parent in touched.items():
@@ -243,6 +258,30 @@ class OutputProcessor:
             if parent.finished:
                 del self._parents[rid]
         return result
+
+    @staticmethod
+    def _update_child(child: _ChildState, out: EngineCoreOutput, result: ProcessedOutputs) -> int:
+        """Apply one output; an error here (or reported by the scheduler) ends this child alone."""
+        if out.finish_reason == FinishReason.ERROR:
+            child.fail(out.error or "internal error")
+            return 0
+        try:
+            return child.update(out)
+        except Exception:
+            logger.exception("detokenizing request %s failed", child.req_id)
+            child.fail(DETOKENIZE_FAILED)
+            result.reqs_to_fail.append(child.req_id)  # the scheduler still runs it
+            return 0
+
+    def _abort_siblings(self, parent: _ParentState) -> list[str]:
+        """End the unfinished siblings of a failed sequence; returns their internal ids."""
+        ids = []
+        for sibling in parent.children:
+            if not sibling.finished:
+                sibling.finish(FinishReason.ABORT.value, None)
+                self._children.pop(sibling.req_id, None)
+                ids.append(sibling.req_id)
+        return ids
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Drop user requests; returns the internal ids the scheduler must abort."""

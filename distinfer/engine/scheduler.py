@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from distinfer.config import CacheConfig, SchedulerConfig
 from distinfer.engine.policies import make_policy
 from distinfer.engine.request import Request, RequestStatus
+from distinfer.errors import QueueFullError
 from distinfer.kv.manager import KVCacheManager
 from distinfer.messages import (
     CachedRequestData,
@@ -36,10 +37,6 @@ from distinfer.messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue holds SchedulerConfig.max_waiting_requests already."""
 
 
 @dataclass
@@ -291,6 +288,10 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (aborted) while the step ran
+            error = model_runner_output.errors.get(request_id)
+            if error is not None:  # this request alone could not be sampled: it ends, the others go on
+                outputs.append(self._fail_request(request, error))
+                continue
             i = index.get(request_id)
             sampled = model_runner_output.sampled_token_ids[i] if i is not None else []
             logprobs = model_runner_output.logprobs[i] if i is not None and model_runner_output.logprobs else None
@@ -327,6 +328,13 @@ class Scheduler:
             stop_reason=request.stop_reason,
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    def _fail_request(self, request: Request, error: str) -> EngineCoreOutput:
+        logger.warning("request %s failed: %s", request.request_id, error)
+        request.status = RequestStatus.FINISHED_ERROR
+        self._release(request)
+        return EngineCoreOutput(request.request_id, [], finish_reason=FinishReason.ERROR,
+                                num_cached_tokens=request.num_cached_tokens, error=error)
 
     def _check_stop(self, request: Request) -> bool:
         """Set a finished status after appending a token; stop tokens count once min_tokens is met."""

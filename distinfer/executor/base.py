@@ -6,18 +6,11 @@ from importlib import import_module
 from typing import Callable
 
 from distinfer.config import DistInferConfig
+from distinfer.errors import EngineDeadError, EngineDrainingError  # noqa: F401 (re-exported)
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 
 
 _BACKEND_MODULES = {"uni": "distinfer.executor.local", "ray": "distinfer.executor.ray"}
-
-
-class EngineDeadError(RuntimeError):
-    """The engine (or one of its workers) died; in-flight and new requests fail with this."""
-
-
-class EngineDrainingError(RuntimeError):
-    """The engine is shutting down gracefully and refuses new requests."""
 
 
 class Executor(ABC):

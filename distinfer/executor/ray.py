@@ -19,7 +19,8 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distinfer.config import DistInferConfig, ParallelConfig
-from distinfer.executor.base import EngineDeadError, Executor
+from distinfer.errors import EngineDeadError
+from distinfer.executor.base import Executor
 from distinfer.executor.ray_worker import RayWorker
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 from distinfer.model.loader import load_hf_config
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0
 INIT_TIMEOUT_S = 600.0
-STEP_TIMEOUT_S = 300.0
 FAILURE_GRACE_S = 5.0  # how long a peer's communication error waits for the root cause to surface
 _PEER_ERROR_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
                        "NCCL error", "ProcessGroupNCCL")
@@ -183,9 +183,9 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------ calls
 
-    def _call_all(self, method: str, *args: Any, timeout: float = STEP_TIMEOUT_S) -> list[Any]:
+    def _call_all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """Call `method` on every rank; raise EngineDeadError as soon as any rank fails or dies."""
-        return self._wait_all(self._launch(method, *args), method, timeout)
+        return self._wait_all(self._launch(method, *args), method, timeout or self.config.scheduler.step_timeout_s)
 
     def _launch(self, method: str, *args: Any) -> list[Any]:
         if self._dead is not None:
@@ -235,7 +235,7 @@ class RayExecutor(Executor):
         return self.submit(scheduler_output)()
 
     def _collect(self, refs: list[Any], start: float) -> ModelRunnerOutput:
-        replies = self._wait_all(refs, "execute_model", STEP_TIMEOUT_S)
+        replies = self._wait_all(refs, "execute_model", self.config.scheduler.step_timeout_s)
         parallel = self.config.parallel
         self.last_control = ControlTimings.from_ranks(time.perf_counter() - start, [t for _, t in replies],
                                                       parallel.tensor_parallel_size * parallel.sequence_parallel_size)

@@ -113,11 +113,16 @@ class ModelRunner:
         if not self.samples:
             return self._empty_output(inputs)
         rows = [self.batch.states[inputs.req_ids[i]].sampling_row() for i in inputs.sample_rows]
-        token_ids, row_logprobs = self.sampler(logits, rows)
+        result = self.sampler(logits, rows)
         sampled: list[list[int]] = [[] for _ in inputs.req_ids]
         logprobs: list = [None] * len(inputs.req_ids)
-        for batch_index, token_id, lp in zip(inputs.sample_rows, token_ids, row_logprobs):
-            sampled[batch_index] = [token_id]
+        errors: dict[str, str] = {}
+        for row, batch_index in enumerate(inputs.sample_rows):
+            if row in result.errors:  # that request ends with an error; no token
+                errors[inputs.req_ids[batch_index]] = result.errors[row]
+                continue
+            sampled[batch_index] = [result.token_ids[row]]
+            lp = result.logprobs[row]
             logprobs[batch_index] = None if lp is None else [lp]
         has_logprobs = any(lp is not None for lp in logprobs)
-        return ModelRunnerOutput(inputs.req_ids, sampled, logprobs if has_logprobs else None)
+        return ModelRunnerOutput(inputs.req_ids, sampled, logprobs if has_logprobs else None, errors)

@@ -9,7 +9,7 @@ Logprobs come from the raw logits (before penalties and temperature), like vLLM'
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,11 +33,26 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request, from make_generator(params.seed)
 
 
-def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
-    """The per-request generator for a seeded request (None when unseeded)."""
+@dataclass
+class SamplerOutput:
+    """One token per row, logprobs where asked, and the rows that could not be sampled: their requests
+    end with an error while the other rows of the batch go on."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row index -> reason, safe to show the client
+
+
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
+SAMPLING_FAILED = "internal error while sampling (details are in the server log)"
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """The per-request generator for a seeded request (None when unseeded). Always a CPU generator:
+    its draws are copied to the logits' device, so a seed gives the same draws on every device."""
     if seed is None:
         return None
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
 
@@ -124,16 +139,23 @@ def min_p_threshold(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)
 
 
-def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact categorical sampling, one U[0,1) per row: first token whose CDF exceeds u * total.
 
     Two levels keep it cheap and precise: float64 CDF over block sums picks a block, then a
     float64 CDF inside that block picks the token. A token with zero probability is never chosen.
+    Returns (tokens, ok): a row whose mass is not finite and positive (NaN from non-finite logits) is
+    sampled from a uniform stand-in so the batch never indexes out of range, and reported not ok.
     """
     rows, vocab = probs.shape
     pad = (-vocab) % _CDF_BLOCK
     blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(rows, -1, _CDF_BLOCK)
     block_mass = blocks.sum(dim=-1).double()
+    total_mass = block_mass.sum(dim=-1)
+    ok = torch.isfinite(total_mass) & (total_mass > 0)
+    if not bool(ok.all()):
+        blocks = torch.where(ok.view(rows, 1, 1), blocks, torch.ones_like(blocks))
+        block_mass = blocks.sum(dim=-1).double()
     block_cdf = block_mass.cumsum(dim=-1)
     v = torch.minimum(u.unsqueeze(1) * block_cdf[:, -1:], _just_below(block_cdf[:, -1:]))
     block = torch.searchsorted(block_cdf, v, right=True)  # first block with cdf > v: positive mass
@@ -143,7 +165,7 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = inner_cdf[:, -1:]
     v_inner = torch.minimum(frac.clamp_min(0.0) * total, _just_below(total))
     token = torch.searchsorted(inner_cdf, v_inner, right=True)
-    return (block * _CDF_BLOCK + token).squeeze(1)
+    return (block * _CDF_BLOCK + token).squeeze(1), ok
 
 
 def _just_below(x: torch.Tensor) -> torch.Tensor:
@@ -151,37 +173,52 @@ def _just_below(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Samples one token per row. Unseeded random rows share this sampler's generator."""
+    """Samples one token per row. Unseeded random rows share this sampler's generator.
+
+    A row whose logits are not finite ends its request with an error; an unexpected exception while
+    sampling the batch is retried row by row, with the same random draws, so only the failing row ends.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = make_generator(seed)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = make_generator(self.seed, device)  # type: ignore[assignment]
-        return self._generators[device]
-
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits: [len(rows), vocab]. Returns sampled token ids and per-row logprobs (or None)."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """logits: [len(rows), vocab]."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        u = self._uniforms(rows)  # drawn first: a row-by-row retry reuses them, so seeds stay reproducible
+        try:
+            return self._sample(logits, rows, u)
+        except Exception:
+            logger.exception("sampling a batch of %d rows failed; sampling its rows one by one", len(rows))
+        output = SamplerOutput([0] * len(rows), [None] * len(rows))
+        for i, row in enumerate(rows):
+            try:
+                alone = self._sample(logits[i:i + 1], [row], u[i:i + 1])
+            except Exception:
+                logger.exception("sampling row %d failed", i)
+                output.errors[i] = SAMPLING_FAILED
+                continue
+            output.token_ids[i], output.logprobs[i] = alone.token_ids[0], alone.logprobs[0]
+            if alone.errors:
+                output.errors[i] = alone.errors[0]
+        return output
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], u: torch.Tensor) -> SamplerOutput:
         raw_logits = logits
         logits = self._process_logits(logits.float(), rows)
-        greedy = [i for i, r in enumerate(rows) if r.params.sampling_type == SamplingType.GREEDY]
-        if len(greedy) == len(rows):
-            token_ids = logits.max(dim=-1).indices.tolist()  # first max, as argmax; faster
-        else:
-            token_ids = [0] * len(rows)
-            if greedy:
-                greedy_ids = logits[greedy].max(dim=-1).indices.tolist()
-                for i, tok in zip(greedy, greedy_ids):
-                    token_ids[i] = tok
-            random_rows = [i for i, r in enumerate(rows) if r.params.sampling_type != SamplingType.GREEDY]
-            random_logits = logits if len(random_rows) == len(rows) else logits[random_rows]
-            sampled = self._sample_random(random_logits, [rows[i] for i in random_rows])
-            for i, tok in zip(random_rows, sampled):
-                token_ids[i] = tok
-        return token_ids, self._logprobs(raw_logits, rows, token_ids)
+        best, token_ids_t = logits.max(dim=-1)  # the first max, as argmax; NaN and +inf propagate to `best`
+        bad = ~torch.isfinite(best)
+        random_rows = [i for i, r in enumerate(rows) if r.params.sampling_type != SamplingType.GREEDY]
+        if random_rows:
+            index = torch.tensor(random_rows, device=logits.device)
+            random_logits = logits if len(random_rows) == len(rows) else logits[index]
+            sampled, ok = self._sample_random(random_logits, [rows[i] for i in random_rows], u[random_rows])
+            token_ids_t = token_ids_t.index_copy(0, index, sampled)
+            bad[index] |= ~ok
+        token_ids = token_ids_t.tolist()
+        errors = {i: NON_FINITE_LOGITS for i in torch.nonzero(bad).flatten().tolist()}
+        return SamplerOutput(token_ids, self._logprobs(raw_logits, rows, token_ids, errors), errors)
 
     def _process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Penalties and min_tokens masking; returns logits untouched when no row needs them."""
@@ -196,8 +233,8 @@ class Sampler:
             logits[mask_rows, mask_toks] = _NEG_INF
         return logits
 
-    def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        """Temperature, top-k, top-p, min-p, then one inverse-CDF draw per row."""
+    def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature, top-k, top-p, min-p, then one inverse-CDF draw per row: (tokens, row ok)."""
         device, vocab = logits.device, logits.shape[1]
         temps = torch.tensor([r.params.temperature for r in rows], device=device)
         logits = logits / temps.unsqueeze(1)
@@ -216,24 +253,24 @@ class Sampler:
         if thresholds:
             logits = logits.masked_fill(logits < torch.cat(thresholds, dim=1).amax(dim=1, keepdim=True), _NEG_INF)
         probs = logits.softmax(dim=-1)
-        return sample_inverse_cdf(probs, self._uniforms(rows, probs.device)).tolist()
+        return sample_inverse_cdf(probs, u.to(device))
 
-    def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
-        """One U[0, 1) float64 per row: seeded rows from their own generator, the rest from ours."""
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        shared = torch.rand(len(unseeded), dtype=torch.float64, device=device, generator=self._generator(device))
-        if len(unseeded) == len(rows):
-            return shared
-        u = torch.empty(len(rows), dtype=torch.float64, device=device)
-        u[unseeded] = shared
+    def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
+        """One U[0, 1) float64 per row, on the CPU (greedy rows: 0): seeded rows from their own
+        generator, unseeded random rows from ours."""
+        u = torch.zeros(len(rows), dtype=torch.float64)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None and r.params.sampling_type != SamplingType.GREEDY]
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self._generator)
         for i, row in enumerate(rows):
-            if row.generator is not None:
-                u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=row.generator)[0]
+            if row.generator is not None and row.params.sampling_type != SamplingType.GREEDY:
+                u[i] = torch.rand(1, dtype=torch.float64, generator=row.generator)[0]
         return u
 
-    def _logprobs(self, raw_logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[TokenLogprobs | None]:
+    def _logprobs(self, raw_logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int],
+                  errors: dict[int, str]) -> list[TokenLogprobs | None]:
         """Raw-logit logprobs of the sampled token (value, 1-based rank) and the top-N tokens."""
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None and i not in errors]
         result: list[TokenLogprobs | None] = [None] * len(rows)
         if not want:
             return result

@@ -19,7 +19,8 @@ def test_greedy_equals_argmax_first_max_on_ties() -> None:
     logits = torch.randn(8, V, generator=torch.Generator().manual_seed(0))
     logits[3, 2] = logits[3, 9] = 100.0  # tie: the first index wins, like torch/HF
     before = logits.clone()
-    tokens, logprobs = Sampler()(logits, [row() for _ in range(8)])
+    out = Sampler()(logits, [row() for _ in range(8)])
+    tokens, logprobs = out.token_ids, out.logprobs
     assert tokens == logits.argmax(dim=-1).tolist()
     assert tokens[3] == 2
     assert logprobs == [None] * 8
@@ -44,7 +45,7 @@ def test_frequency_and_presence_penalties_use_output_tokens_only() -> None:
 def test_penalties_change_greedy_choice_only_for_their_row() -> None:
     logits = torch.tensor([[5.0, 4.0, 0.0]] * 2)
     rows = [row(SamplingParams(temperature=0.0, frequency_penalty=2.0), output=[0]), row()]
-    tokens, _ = Sampler()(logits, rows)
+    tokens = Sampler()(logits, rows).token_ids
     assert tokens == [1, 0]
 
 
@@ -53,12 +54,12 @@ def test_min_tokens_masks_stop_ids_until_reached() -> None:
     params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2], eos_token_ids=[1])
     ignore_eos = SamplingParams(temperature=0.0, min_tokens=2, eos_token_ids=[1], ignore_eos=True)
     rows = [row(params, output=[4]), row(params, output=[4, 4]), row(ignore_eos), row()]
-    tokens, _ = Sampler()(logits, rows)
+    tokens = Sampler()(logits, rows).token_ids
     assert tokens == [3, 1, 1, 1]  # masks eos and stop ids; lifted at min_tokens; ignore_eos: eos allowed
 
 
 def _draws(params: SamplingParams, logits: torch.Tensor, n: int = 4000, seed: int = 0) -> torch.Tensor:
-    tokens, _ = Sampler(seed)(logits.expand(n, -1).contiguous(), [row(params) for _ in range(n)])
+    tokens = Sampler(seed)(logits.expand(n, -1).contiguous(), [row(params) for _ in range(n)]).token_ids
     return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1])
 
 
@@ -99,7 +100,7 @@ def test_temperature_scaling_matches_softmax(temperature: float) -> None:
 def _run_steps(sampler: Sampler, rows: list[SamplingRow], target: int, logits: list[torch.Tensor]) -> list[int]:
     out = []
     for step_logits in logits:
-        tokens, _ = sampler(step_logits, rows)
+        tokens = sampler(step_logits, rows).token_ids
         out.append(tokens[target])
     return out
 
@@ -127,7 +128,8 @@ def test_logprobs_from_raw_logits_with_ranks() -> None:
         row(SamplingParams(temperature=0.0)),
         row(SamplingParams(temperature=1.0, logprobs=0, seed=0)),
     ]
-    tokens, logprobs = Sampler()(logits, rows)
+    out = Sampler()(logits, rows)
+    tokens, logprobs = out.token_ids, out.logprobs
     ref = logits.log_softmax(-1)
     assert logprobs[1] is None
     lp0, lp2 = logprobs[0], logprobs[2]
@@ -145,7 +147,7 @@ def test_logprobs_from_raw_logits_with_ranks() -> None:
 def test_greedy_batch_of_128_full_vocab() -> None:
     logits = torch.randn(128, 49152)
     sampler, rows = Sampler(), [row() for _ in range(128)]
-    tokens, _ = sampler(logits, rows)
+    tokens = sampler(logits, rows).token_ids
     assert tokens == logits.argmax(-1).tolist()
 
 
@@ -175,7 +177,7 @@ def test_inverse_cdf_never_picks_zero_probability_tokens() -> None:
     probs = torch.zeros(4, vocab)
     probs[:, [5, 1023, 1024, 2999]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
     extremes = torch.tensor([0.0, 1.0 - 2**-53, 0.15, 0.35], dtype=torch.float64)
-    assert sample_inverse_cdf(probs, extremes).tolist() == [5, 2999, 1023, 1024]
-    draws = sample_inverse_cdf(probs[:1].expand(20000, -1), torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert sample_inverse_cdf(probs, extremes)[0].tolist() == [5, 2999, 1023, 1024]
+    draws, _ = sample_inverse_cdf(probs[:1].expand(20000, -1), torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(draws, minlength=vocab)[[5, 1023, 1024, 2999]] / 20000
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015)
