@@ -3,10 +3,12 @@ runs the OpenAI HTTP and gRPC APIs; `distinfer bench` sends a Poisson load to a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from distinfer.sampling_params import SamplingParams
+from distinfer.serving.limits import ServerLimits
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-layer-partition", default=None,
                         help="layers per pipeline stage, e.g. 17,13 (default: even split)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (unseeded sampling)")
+    parser.add_argument("--max-pending-requests", type=int, default=4096,
+                        help="requests admitted and unfinished at once; more get 429 / RESOURCE_EXHAUSTED")
+    parser.add_argument("--step-timeout", type=float, default=120.0,
+                        help="seconds one engine step may take before the engine is declared hung and dead")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,6 +46,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         pipeline_parallel_size=args.pipeline_parallel_size,
         pipeline_layer_partition=args.pipeline_layer_partition,
         seed=args.seed,
+        max_waiting_requests=args.max_pending_requests,
+        step_timeout_s=args.step_timeout,
     )
 
 
@@ -106,41 +114,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIMIT_HELP = {
+    "max_body_bytes": "HTTP request body bound; larger bodies get 413 before they are parsed",
+    "max_header_bytes": "HTTP request line + headers bound; larger get 431",
+    "max_http_connections": "HTTP connections at once; more get 503",
+    "max_prompt_chars": "characters of one prompt or Tokenize text (default: the longest text the context "
+                        "could hold, max_model_len x the longest token)",
+    "grpc_max_message_bytes": "gRPC message size bound (RESOURCE_EXHAUSTED above)",
+    "grpc_max_concurrent_rpcs": "gRPC calls in progress at once on the server (RESOURCE_EXHAUSTED above)",
+    "grpc_max_concurrent_streams": "gRPC streams per connection (HTTP/2 SETTINGS; clients queue beyond it)",
+    "grpc_keepalive_time_s": "seconds between the server's keepalive pings (finds half-open clients)",
+    "grpc_keepalive_timeout_s": "seconds a ping may go unanswered before the connection and its calls end",
+    "grpc_max_connection_age_s": "seconds after which a gRPC connection is asked to reconnect (rebalancing)",
+    "grpc_max_connection_age_grace_s": "seconds calls in flight get after max connection age",
+}
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
     parser.add_argument("--served-model-name", default=None, help="name clients use (default: the model directory's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface for both APIs (default: loopback only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface for both APIs (default: loopback only; 0.0.0.0 serves every interface)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=50051, help="-1 disables the gRPC API")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env DISTINFER_API_KEY)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="file whose first line is the key clients must send as `Authorization: Bearer KEY` "
+                             "(or env DISTINFER_API_KEY / DISTINFER_API_KEY_FILE)")
+    parser.add_argument("--api-key", default=None, help="the key itself (visible to every user in `ps`: prefer "
+                        "--api-key-file or DISTINFER_API_KEY)")
+    parser.add_argument("--require-api-key", action="store_true", help="refuse to start without an API key")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve both APIs over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    parser.add_argument("--drain-timeout", type=float, default=25.0,
+                        help="seconds the whole shutdown may take (fit it inside the pod's termination grace period); "
+                             "requests still running then are cut with a retryable error")
+    for f in dataclasses.fields(ServerLimits):
+        kind = float if f.name.endswith("_s") else int
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                            help=f"{_LIMIT_HELP[f.name]} (default: {f.default})")
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
+    from distinfer.serving.auth import resolve_api_key
     from distinfer.serving.server import DistInferServer, ServeOptions, run_server
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    options = ServeOptions(
-        model=args.model_path or args.model, engine_kwargs=engine_kwargs(args), served_model_name=args.served_model_name,
-        host=args.host, http_port=args.http_port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
-        api_key=args.api_key or os.environ.get("DISTINFER_API_KEY") or None, tls_cert_file=args.tls_cert,
-        tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, log_level=args.log_level.lower(),
-    )
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+        options = ServeOptions(
+            model=args.model_path or args.model, engine_kwargs=engine_kwargs(args),
+            served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
+            grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=api_key, tls_cert_file=args.tls_cert,
+            tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, limits=server_limits(args),
+            log_level=args.log_level.lower())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.require_api_key and api_key is None:
+        print("error: --require-api-key: give --api-key-file, DISTINFER_API_KEY or DISTINFER_API_KEY_FILE", file=sys.stderr)
+        return 2
+    if args.api_key is not None:
+        logging.getLogger("distinfer.cli").warning("--api-key is visible to every user of this machine in `ps`; "
+                                                   "prefer --api-key-file or DISTINFER_API_KEY")
 
     def ready(server: DistInferServer) -> None:
         scheme = "https" if options.tls_cert_file else "http"
         grpc = f", gRPC on {options.host}:{server.grpc_port}" if server.grpc_port else ""
         print(f"distinfer: serving {options.model_name}: HTTP on {scheme}://{options.host}:{server.http_port}/v1{grpc}", flush=True)
 
-    asyncio.run(run_server(options, on_ready=ready))
-    return 0
+    return asyncio.run(run_server(options, on_ready=ready))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

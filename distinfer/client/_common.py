@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from distinfer.client.errors import retry_pushback_s
 from distinfer.v1 import inference_pb2 as pb
 from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
@@ -27,10 +28,12 @@ class RetryPolicy:
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
 
-    def backoff_s(self, attempt: int) -> float:
-        """Sleep before attempt `attempt + 1` (attempt counts from 1): exponential, full jitter."""
+    def backoff_s(self, attempt: int, error: grpc.RpcError | None = None) -> float:
+        """Sleep before attempt `attempt + 1` (attempt counts from 1): exponential with jitter, and at
+        least the server's retry hint when the failed call carried one."""
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        hint = retry_pushback_s(error) if error is not None else 0.0
+        return max(random.uniform(ceiling / 2, ceiling), min(hint, self.max_backoff_s))
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)

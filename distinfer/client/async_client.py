@@ -53,7 +53,7 @@ class AsyncGenerateStream:
                 if not self._received and is_retryable(exc) and attempt < self._retry.max_attempts:
                     logger.info("Generate unavailable (%s); retrying", exc.details())
                     self._call = None
-                    await asyncio.sleep(self._retry.backoff_s(attempt))
+                    await asyncio.sleep(self._retry.backoff_s(attempt, exc))
                     continue
                 self._done = True
                 raise from_rpc_error(exc) from None
@@ -99,7 +99,7 @@ class AsyncClient(ClientBase):
                 return await method(request, timeout=self._timeout(timeout), metadata=self.config.metadata())
             except grpc.RpcError as exc:
                 if is_retryable(exc) and attempt < self.retry.max_attempts:
-                    await asyncio.sleep(self.retry.backoff_s(attempt))
+                    await asyncio.sleep(self.retry.backoff_s(attempt, exc))
                     continue
                 raise from_rpc_error(exc) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 RETRYABLE_KEY = "distinfer-retryable"  # the server's trailing metadata on UNAVAILABLE
+RETRY_AFTER_KEY = "grpc-retry-pushback-ms"  # gRPC's own retry hint, sent with a retryable UNAVAILABLE
 
 
 class DistinferClientError(Exception):
@@ -69,8 +70,8 @@ def from_rpc_error(error: grpc.RpcError) -> DistinferClientError:
 
 
 def is_retryable(error: grpc.RpcError) -> bool:
-    """UNAVAILABLE while connecting or while the model loads; not when the server says it is final
-    (draining, dead engine)."""
+    """UNAVAILABLE while connecting, while the model loads or while the server drains (another replica
+    may answer); not when the server says it is final (dead engine)."""
     if not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     try:
@@ -78,3 +79,15 @@ def is_retryable(error: grpc.RpcError) -> bool:
     except Exception:  # some transport failures carry no metadata at all
         metadata = ()
     return all(not (k == RETRYABLE_KEY and v == "false") for k, v in metadata)
+
+
+def retry_pushback_s(error: grpc.RpcError) -> float:
+    """The server's hint (grpc-retry-pushback-ms) of how long to wait before a retry; 0 without one."""
+    try:
+        metadata = error.trailing_metadata() or ()
+    except Exception:  # a transport failure may carry no metadata
+        return 0.0
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY and str(value).isdigit():
+            return int(value) / 1000.0
+    return 0.0

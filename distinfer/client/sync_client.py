@@ -55,7 +55,7 @@ class GenerateStream:
                 if not self._received and is_retryable(exc) and attempt < self._retry.max_attempts:
                     logger.info("Generate unavailable (%s); retrying", exc.details())
                     self._call = None
-                    time.sleep(self._retry.backoff_s(attempt))
+                    time.sleep(self._retry.backoff_s(attempt, exc))
                     continue
                 self._done = True
                 raise from_rpc_error(exc) from None
@@ -94,7 +94,7 @@ class Client(ClientBase):
                 return method(request, timeout=self._timeout(timeout), metadata=self.config.metadata())
             except grpc.RpcError as exc:
                 if is_retryable(exc) and attempt < self.retry.max_attempts:
-                    time.sleep(self.retry.backoff_s(attempt))
+                    time.sleep(self.retry.backoff_s(attempt, exc))
                     continue
                 raise from_rpc_error(exc) from None
 

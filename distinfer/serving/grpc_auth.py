@@ -1,11 +1,13 @@
-"""Bearer-token authentication for the gRPC server (`authorization: Bearer <api key>` metadata)."""
+"""Bearer-token authentication for the gRPC server (`authorization: Bearer <api key>` metadata),
+parsed as on every other front end (serving/auth.py)."""
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
+
+from distinfer.serving.auth import api_key_problem
 
 logger = logging.getLogger(__name__)
 
@@ -27,27 +29,19 @@ def _deny_handler(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMetho
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
+def authorization_value(metadata: Sequence[tuple[str, Any]] | None) -> str | bytes | None:
+    """The first `authorization` metadata value, if any."""
+    return next((v for k, v in (metadata or ()) if k == "authorization"), None)
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call outside `exempt_prefixes` that lacks `authorization: Bearer <api_key>`."""
 
     def __init__(self, api_key: str, exempt_prefixes: Sequence[str] = DEFAULT_EXEMPT_PREFIXES) -> None:
         if not api_key:
             raise ValueError("api_key must be a non-empty string")
-        self._key = api_key.encode()
+        self._key = api_key
         self._exempt = tuple(exempt_prefixes)
-
-    def _check(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-        """None when authorized, else why not."""
-        values = [v for k, v in (metadata or ()) if k == "authorization"]
-        if not values:
-            return "missing authorization metadata: send 'authorization: Bearer <api key>'"
-        value = values[0].decode() if isinstance(values[0], bytes) else str(values[0])
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return "authorization metadata must be 'Bearer <api key>'"
-        if not hmac.compare_digest(token.strip().encode(), self._key):
-            return "invalid API key"
-        return None
 
     async def intercept_service(
         self,
@@ -57,7 +51,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):
             return handler
-        problem = self._check(handler_call_details.invocation_metadata)
+        problem = api_key_problem(authorization_value(handler_call_details.invocation_metadata), self._key)
         if problem is None:
             return handler
         logger.info("refused %s: %s", handler_call_details.method, problem)

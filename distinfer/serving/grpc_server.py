@@ -26,6 +26,7 @@ from distinfer.serving.grpc_auth import BearerTokenInterceptor
 from distinfer.serving.grpc_codec import safe_deserializer
 from distinfer.serving.grpc_health_check import EngineHealthServicer
 from distinfer.serving.grpc_servicer import SERVICE_NAME, EngineSlot, InferenceServicer
+from distinfer.serving.limits import ServerLimits
 from distinfer.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
 )
 
 
@@ -94,16 +93,19 @@ async def serve_grpc(
     api_key: str | None = None,
     tls_cert_file: str | None = None,
     tls_key_file: str | None = None,
+    limits: ServerLimits | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> GrpcServerHandle:
     """Build, bind and start the server (port 0 picks a free one); see the module docstring."""
     if not model_name:
         raise ValueError("model_name must be a non-empty string")
+    limits = limits or ServerLimits()
     credentials = _server_credentials(tls_cert_file, tls_key_file)
     interceptors = [BearerTokenInterceptor(api_key)] if api_key else []
-    server = grpc.aio.server(interceptors=interceptors, options=[*DEFAULT_OPTIONS, *options])
+    server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=limits.grpc_max_concurrent_rpcs,
+                             options=[*DEFAULT_OPTIONS, *limits.grpc_server_options(), *options])
     slot = EngineSlot(engine)
-    servicer = InferenceServicer(slot, model_name)
+    servicer = InferenceServicer(slot, model_name, limits)
     handlers = _method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
@@ -130,10 +132,11 @@ async def start_grpc_server(
     api_key: str | None = None,
     tls_cert_file: str | None = None,
     tls_key_file: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> grpc.aio.Server:
     """Start the server and return it; the caller awaits `wait_for_termination()` or `stop(grace)`."""
     handle = await serve_grpc(engine, host, port, model_name=model_name, api_key=api_key,
-                              tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
+                              tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, limits=limits)
     return handle.server
 
 

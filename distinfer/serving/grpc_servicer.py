@@ -4,6 +4,11 @@ The servicer is a thin adapter: it validates every request at the edge (serving/
 streams AsyncLLM deltas as GenerateResponses, and maps errors onto status codes. A bad request is
 answered alone; it never reaches the engine's step loop. Cancelling a call or passing its deadline
 aborts the request and frees its KV blocks (the engine stream is closed when the handler is cancelled).
+
+Request ids are the caller's: each caller (its API key, or its address when it sends none) has its own
+namespace, so `Abort` reaches only the caller's own requests and an id in use by another caller is not
+revealed. The engine runs each request under a server-made id. Internal errors reach the client as a
+generic message with an error id; the details go to the log under that id.
 """
 from __future__ import annotations
 
@@ -19,20 +24,24 @@ from typing import TYPE_CHECKING, Any, Awaitable
 import grpc
 
 import distinfer
-from distinfer.client.errors import RETRYABLE_KEY  # trailing metadata on UNAVAILABLE: may the client retry?
-from distinfer.engine.scheduler import QueueFullError
-from distinfer.executor.base import EngineDeadError, EngineDrainingError
+from distinfer.client.errors import RETRY_AFTER_KEY, RETRYABLE_KEY  # trailing metadata on UNAVAILABLE
+from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestFailedError
+from distinfer.serving.auth import caller_identity
+from distinfer.serving.grpc_auth import authorization_value
 from distinfer.serving.grpc_codec import (
     StreamState,
     UndecodableRequest,
     to_responses,
     to_sampling_params,
 )
+from distinfer.serving.limits import ServerLimits, max_prompt_chars
 from distinfer.serving.validation import (
     MAX_N,
     MAX_STOP_STRINGS,
     RequestValidationError,
     ServingLimits,
+    check_fits_context,
+    check_text,
     validate_model_name,
     validate_request_id,
     validate_text_prompt,
@@ -47,7 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-_LONG_TEXT_CHARS = 4096  # tokenize longer prompts off the event loop
+RETRY_AFTER_MS = 1000  # the hint sent with a retryable UNAVAILABLE (draining, loading)
 
 
 class Refused(Exception):
@@ -58,7 +67,7 @@ class Refused(Exception):
         self.code, self.message, self.retryable = code, message, retryable
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
+def status_for(exc: BaseException, error_id: str) -> tuple[grpc.StatusCode, str, bool]:
     """(status code, message, retryable) for an error raised while serving a request."""
     if isinstance(exc, RequestValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, exc.message, False
@@ -66,13 +75,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
         return exc.code, exc.message, exc.retryable
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), True
-    if isinstance(exc, EngineDrainingError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc), False
+    if isinstance(exc, EngineDrainingError):  # another replica can take it; this one is going away
+        return grpc.StatusCode.UNAVAILABLE, str(exc), True
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, str(exc), False
     if isinstance(exc, ValueError):  # the engine's own validation names the field too
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), False
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", False
+    if isinstance(exc, RequestFailedError):  # its message is ours and safe to show
+        return grpc.StatusCode.INTERNAL, str(exc), False
+    return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); the details are in the server log", False
 
 
 def _is_draining(engine: "AsyncLLM") -> bool:
@@ -115,7 +126,7 @@ class EngineSlot:
         if engine.is_dead:
             raise Refused(grpc.StatusCode.UNAVAILABLE, str(engine.dead_error))
         if _is_draining(engine):
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is draining: not accepting new requests")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is draining: not accepting new requests", retryable=True)
         return engine
 
     def is_serving(self) -> bool:
@@ -125,7 +136,8 @@ class EngineSlot:
 
 @dataclass
 class GenerateJob:
-    request_id: str
+    request_id: str  # the caller's
+    engine_request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
@@ -134,26 +146,41 @@ class GenerateJob:
 class InferenceServicer:
     """distinfer.v1.InferenceService over one AsyncLLM."""
 
-    def __init__(self, slot: EngineSlot, model_name: str) -> None:
+    def __init__(self, slot: EngineSlot, model_name: str, limits: ServerLimits | None = None) -> None:
         self.slot = slot
         self.model_name = model_name
+        self.server_limits = limits or ServerLimits()
         self.started_at = time.monotonic()
-        self._active: set[str] = set()
+        self._active: dict[tuple[str, str], str] = {}  # (caller, caller's request id) -> engine request id
+        self._limits: ServingLimits | None = None
 
     # ------------------------------------------------------------ helpers
 
-    @staticmethod
-    def limits(engine: "AsyncLLM") -> ServingLimits:
-        return ServingLimits(vocab_size=engine.engine.hf_config.vocab_size, max_model_len=engine.engine.max_model_len)
+    def limits(self, engine: "AsyncLLM") -> ServingLimits:
+        if self._limits is None:
+            core = engine.engine
+            self._limits = ServingLimits(core.hf_config.vocab_size, core.max_model_len,
+                                         max_prompt_chars(self.server_limits, engine.tokenizer, core.max_model_len))
+        return self._limits
 
     @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        code, message, retryable = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            logger.error("request failed", exc_info=exc)
+    def caller(context: grpc.aio.ServicerContext) -> str:
+        peer = context.peer() if hasattr(context, "peer") else ""
+        return caller_identity(authorization_value(context.invocation_metadata()), peer or "")
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, error_id: str | None = None) -> None:
+        error_id = error_id or f"err-{uuid.uuid4().hex[:16]}"
+        code, message, retryable = status_for(exc, error_id)
+        if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RequestFailedError):
+            logger.error("internal error (error id %s)", error_id, exc_info=exc)
         else:
-            logger.info("request refused: %s %s", code.name, message)
-        metadata = ((RETRYABLE_KEY, "true" if retryable else "false"),) if code == grpc.StatusCode.UNAVAILABLE else ()
+            logger.info("request %s refused: %s %s", error_id, code.name, message)
+        metadata: tuple[tuple[str, str], ...] = ()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            metadata = ((RETRYABLE_KEY, "true" if retryable else "false"),)
+            if retryable:
+                metadata += ((RETRY_AFTER_KEY, str(RETRY_AFTER_MS)),)
         await context.abort(code, message, trailing_metadata=metadata)
 
     async def _prepare(self, request: pb.GenerateRequest | UndecodableRequest, engine: "AsyncLLM") -> GenerateJob:
@@ -165,44 +192,43 @@ class InferenceServicer:
         params = to_sampling_params(request.sampling_params, limits)
         which = request.WhichOneof("input")
         if which == "text":
-            def tokenize(text: str) -> list[int]:
-                return engine.tokenizer.encode(text, add_special_tokens=True)
-
-            if len(request.text) > _LONG_TEXT_CHARS:
-                ids = await asyncio.to_thread(validate_text_prompt, request.text, limits, tokenize)
-            else:
-                ids = validate_text_prompt(request.text, limits, tokenize)
+            check_text(request.text, limits, "text")  # before any tokenizing work
+            encode = lambda text: engine.tokenizer.encode(text, add_special_tokens=True)  # noqa: E731
+            ids = await asyncio.to_thread(validate_text_prompt, request.text, limits, encode)
         elif which == "token_ids":
             ids = validate_token_ids(request.token_ids.ids, limits, "token_ids.ids")
         else:
             raise RequestValidationError("input", "input is not set: give text or token_ids")
+        check_fits_context(len(ids), params.max_tokens, limits, "sampling_params.max_tokens")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        return GenerateJob(request_id, ids, params, request.priority)
+        return GenerateJob(request_id, f"grpc-{uuid.uuid4().hex}", ids, params, request.priority)
 
     # ------------------------------------------------------------ RPCs
 
     async def Generate(self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext) -> None:
         error: BaseException | None = None
-        claimed: str | None = None
+        claimed: tuple[str, str] | None = None
+        job: GenerateJob | None = None
         try:
             engine = self.slot.get_for_generate()
             job = await self._prepare(request, engine)
-            if job.request_id in self._active:
+            key = (self.caller(context), job.request_id)
+            if key in self._active:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {job.request_id!r} is already running")
-            claimed = job.request_id
-            self._active.add(claimed)
+            claimed = key
+            self._active[key] = job.engine_request_id
             await self._stream(engine, job, context)
         except Exception as exc:  # mapped onto a status below; cancellation passes through
             error = exc
         finally:
             if claimed is not None:
-                self._active.discard(claimed)
+                self._active.pop(claimed, None)
         if error is not None and not context.done():
-            await self._abort(context, error)
+            await self._abort(context, error, job.engine_request_id if job is not None else None)
 
     async def _stream(self, engine: "AsyncLLM", job: GenerateJob, context: grpc.aio.ServicerContext) -> None:
         state = StreamState(job.request_id, job.params.n)
-        outputs = engine.generate(job.prompt_token_ids, job.params, job.request_id, priority=job.priority)
+        outputs = engine.generate(job.prompt_token_ids, job.params, job.engine_request_id, priority=job.priority)
         # aclosing: a cancelled handler closes the engine stream at once, which aborts the request.
         async with contextlib.aclosing(outputs):
             async for output in outputs:
@@ -214,10 +240,10 @@ class InferenceServicer:
             if isinstance(request, UndecodableRequest):
                 raise request.error
             engine = self.slot.get()
-            found = request.request_id in self._active
-            if found:
-                await engine.abort(request.request_id)
-            return pb.AbortResponse(found=found)
+            engine_request_id = self._active.get((self.caller(context), request.request_id))
+            if engine_request_id is not None:  # only the caller's own requests
+                await engine.abort(engine_request_id)
+            return pb.AbortResponse(found=engine_request_id is not None)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # unreachable: abort raises
@@ -274,12 +300,18 @@ class InferenceServicer:
                 raise request.error
             engine = self.slot.get()
             validate_model_name(request.model, self.model_name)
+            limits = self.limits(engine)
+            if limits.max_prompt_chars is not None and len(request.text) > limits.max_prompt_chars:
+                raise RequestValidationError("text", f"text has {len(request.text)} characters; at most "
+                                             f"{limits.max_prompt_chars} are allowed")
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            tokenizer = engine.tokenizer
-            ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special_tokens=add_special) \
-                if len(request.text) > _LONG_TEXT_CHARS else tokenizer.encode(request.text, add_special_tokens=add_special)
-            tokens = [t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(ids)]
+            ids, tokens = await asyncio.to_thread(_tokenize, engine.tokenizer, request.text, add_special)
             return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=engine.engine.max_model_len)
         except Exception as exc:
             await self._abort(context, exc)
             raise
+
+
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[str]]:
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return ids, [t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(ids)]

@@ -1,79 +1,53 @@
 """OpenAI-compatible HTTP API over AsyncLLM: /v1/completions, /v1/chat/completions, /v1/models,
 /health and /metrics.
 
-A thin adapter: bodies are validated by pydantic (openai_protocol) and SamplingParams, errors come
-back in OpenAI's shape with the offending field in `param`. Every request waits for its first output
-before answering, so refusals (bad prompt, queue full, engine dead) get their own status code even
-when streaming; a client that disconnects aborts its requests, which frees their KV blocks.
+A thin adapter: bodies are checked by RequestGuard (API key before the body is read, then its size),
+validated by pydantic (openai_protocol) and the shared serving validation, and errors come back in
+OpenAI's shape with the offending field in `param` (openai_errors). Prompts are tokenized and chat
+templates rendered off the event loop. Every request waits for its first output before answering, so
+refusals (bad prompt, queue full, engine dead) get their own status code even when streaming; a client
+that disconnects aborts its requests, which frees their KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distinfer.engine.async_llm import AsyncLLM
-from distinfer.engine.scheduler import QueueFullError
-from distinfer.executor.base import EngineDeadError, EngineDrainingError
 from distinfer.messages import RequestOutput
 from distinfer.sampling_params import SamplingParams
 from distinfer.serving import openai_protocol as proto
+from distinfer.serving.http_guard import RequestGuard
+from distinfer.serving.limits import ServerLimits, max_prompt_chars
 from distinfer.serving.metrics import EngineMetrics
-from distinfer.serving.validation import ServingLimits
+from distinfer.serving.openai_errors import (
+    RETRY_AFTER_S,
+    ClientDisconnected,
+    OpenAIError,
+    install_error_handlers,
+    to_openai_error,
+)
+from distinfer.serving.validation import (
+    ServingLimits,
+    check_fits_context,
+    check_prompt_length,
+    validate_text_prompt,
+    validate_token_ids,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(proto.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
-
-
-_PARAM_ALIASES = {"prompt_token_ids": "prompt", "request_id": None, "sampling_params": None}
-
-
-def to_openai_error(exc: BaseException, prompt_param: str = "prompt") -> OpenAIError:
-    """Map engine and validation errors onto HTTP status codes (400/429/503/500)."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, ClientDisconnected):
-        return OpenAIError(499, "client disconnected", "client_closed_request")
-    if isinstance(exc, proto.OpenAIRequestError):
-        return OpenAIError(400, str(exc), "invalid_request_error", exc.param)
-    if isinstance(exc, ValueError):  # validation, SamplingParams and the input processor name the field first
-        message = str(exc)
-        param: str | None = getattr(exc, "field", None) or message.split(" ", 1)[0]
-        param = _PARAM_ALIASES.get(param, param) if param.isidentifier() else None
-        return OpenAIError(400, message, "invalid_request_error", prompt_param if param == "prompt" else param)
-    if isinstance(exc, QueueFullError):
-        return OpenAIError(429, str(exc), "rate_limit_error", None, "queue_full")
-    if isinstance(exc, (EngineDeadError, EngineDrainingError)):
-        code = "engine_dead" if isinstance(exc, EngineDeadError) else "engine_draining"
-        return OpenAIError(503, str(exc), "service_unavailable", None, code)
-    logger.exception("internal error", exc_info=exc)
-    return OpenAIError(500, f"internal error: {type(exc).__name__}", "internal_server_error")
 
 
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the answer was ready; its requests were aborted."""
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
@@ -115,26 +89,52 @@ def _sse(payload: dict | str) -> str:
 class OpenAIServer:
     """Request handling shared by both endpoints; `build_app` wires it into FastAPI routes."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, metrics: EngineMetrics) -> None:
+    def __init__(self, engine: AsyncLLM, model_name: str, metrics: EngineMetrics, limits: ServerLimits) -> None:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.created = int(time.time())
-        self.limits = ServingLimits(engine.engine.hf_config.vocab_size, engine.engine.max_model_len)
+        core = engine.engine
+        self.limits = ServingLimits(core.hf_config.vocab_size, core.max_model_len,
+                                    max_prompt_chars(limits, engine.tokenizer, core.max_model_len))
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                               "invalid_request_error", "model", "model_not_found")
 
-    def chat_prompt(self, body: proto.ChatCompletionRequest) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
+    def _encode(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=True)
+
+    async def completion_prompts(self, body: proto.CompletionRequest) -> list[list[int]]:
+        """Token ids of every prompt of the batch (text tokenized on a worker thread)."""
+        prompts = body.prompts()
+        if not any(isinstance(p, str) for p in prompts):
+            return [validate_token_ids(p, self.limits, "prompt") for p in prompts]
+        return await asyncio.to_thread(
+            lambda: [validate_text_prompt(p, self.limits, self._encode, "prompt") if isinstance(p, str)
+                     else validate_token_ids(p, self.limits, "prompt") for p in prompts])
+
+    async def chat_prompt(self, body: proto.ChatCompletionRequest) -> list[int]:
+        """The conversation rendered by the chat template and tokenized, on a worker thread."""
+        if not getattr(self.engine.tokenizer, "chat_template", None):
             raise OpenAIError(400, "this model has no chat template: use /v1/completions", "invalid_request_error", "messages")
+        conversation = body.conversation()
+        chars = sum(len(m["content"]) for m in conversation)
+        if self.limits.max_prompt_chars is not None and chars > self.limits.max_prompt_chars:
+            raise proto.OpenAIRequestError("messages", f"have {chars} characters; at most {self.limits.max_prompt_chars} "
+                                           "are allowed (a longer conversation cannot fit the context)")
+        ids = await asyncio.to_thread(self._render_chat, conversation, body.add_generation_prompt)
+        if not ids:
+            raise proto.OpenAIRequestError("messages", "render to an empty prompt")
+        check_prompt_length(len(ids), self.limits, "messages")
+        return ids
+
+    def _render_chat(self, conversation: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         try:
-            ids = tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=body.add_generation_prompt, tokenize=True)
-        except proto.OpenAIRequestError:
-            raise
+            ids = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                            tokenize=True)
         except Exception as exc:  # jinja raise_exception, e.g. roles out of order
-            raise OpenAIError(400, f"messages could not be rendered by the chat template: {exc}", "invalid_request_error", "messages") from exc
+            raise OpenAIError(400, f"messages could not be rendered by the chat template: {exc}",
+                              "invalid_request_error", "messages") from exc
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     # ------------------------------------------------------------ generation
@@ -196,12 +196,13 @@ async def _close(gens: list) -> None:
             pass
 
 
-async def _respond(server: OpenAIServer, request: Request, body: Any, prompts: list[Any], chat: bool) -> Response:
+async def _respond(server: OpenAIServer, request: Request, body: Any, chat: bool, request_id: str) -> Response:
+    proto.check_unicode(body)
     params = body.to_sampling_params(server.limits)
-    prefix = "chatcmpl" if chat else "cmpl"
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
-    num_logprobs = params.logprobs
-    render = proto.ResponseBuilder(server.model_name, chat, request_id, params.n, num_logprobs)
+    prompts = [await server.chat_prompt(body)] if chat else await server.completion_prompts(body)
+    for ids in prompts:
+        check_fits_context(len(ids), params.max_tokens, server.limits, body.max_tokens_field)
+    render = proto.ResponseBuilder(server.model_name, chat, request_id, params.n, params.logprobs)
     if body.stream:
         gens, firsts = await _unless_disconnected(request, server.start(request_id, prompts, params, body.priority))
         return _SSEResponse(_stream(server, render, gens, firsts, body.include_usage, len(prompts) * params.n),
@@ -240,58 +241,23 @@ async def _stream(server: OpenAIServer, render: proto.ResponseBuilder, gens: lis
             final = render.envelope([], chunk=True)
             final["usage"] = render.usage()
             yield _sse(final)
-    except Exception as exc:  # after the 200 went out: report in-band, like vLLM
-        error = to_openai_error(exc)
-        yield _sse(proto.error_body(error.message, error.type, error.param, error.code))
+    except Exception as exc:  # after the 200 went out (or a drain cut it): report in-band, like vLLM
+        yield _sse(to_openai_error(exc, request_id=render.id).body())
     finally:
         await _close(gens)
     yield _sse("[DONE]")
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        # Union members add their type to the path (prompt.str, prompt.list[int].0): keep the field.
-        param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float")) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        if first.get("type") == "json_invalid" or (not loc and first.get("type") in ("model_attributes_type", "dict_type")):
-            param, message = None, "request body must be a JSON object in UTF-8"
-        return JSONResponse(proto.error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(proto.error_body(str(exc.detail), "invalid_request_error", None, exc.status_code), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _any_error(_: Request, exc: Exception) -> JSONResponse:
-        return to_openai_error(exc).response()
-
-
-def _auth_dependency(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    expected = f"Bearer {api_key}".encode()
-
-    async def check(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            raise OpenAIError(401, "invalid or missing API key (send `Authorization: Bearer <key>`)",
-                              "authentication_error", None, "invalid_api_key")
-
-    return check
-
-
-def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, metrics: EngineMetrics | None = None) -> FastAPI:
+def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, metrics: EngineMetrics | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app; /v1 routes need `Authorization: Bearer <api_key>` when api_key is set."""
-    server = OpenAIServer(engine, model_name, metrics or EngineMetrics.attach(engine, model_name))
+    limits = limits or ServerLimits()
+    server = OpenAIServer(engine, model_name, metrics or EngineMetrics.attach(engine, model_name), limits)
     app = FastAPI(title="distinfer OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.openai_server = server
-    _install_error_handlers(app)
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))] if api_key else [])
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    router = APIRouter(prefix="/v1")
 
     @router.get("/models")
     async def models() -> dict:
@@ -299,21 +265,21 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, met
                 "root": model_name, "max_model_len": engine.engine.max_model_len}
         return {"object": "list", "data": [card]}
 
+    async def generation(request: Request, body: Any, chat: bool) -> Response:
+        server.check_model(body.model)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            return await _respond(server, request, body, chat, request_id)
+        except Exception as exc:
+            raise to_openai_error(exc, "messages" if chat else "prompt", request_id) from exc
+
     @router.post("/completions")
     async def completions(body: proto.CompletionRequest, request: Request) -> Response:
-        server.check_model(body.model)
-        try:
-            return await _respond(server, request, body, body.prompts(), chat=False)
-        except Exception as exc:
-            raise to_openai_error(exc) from exc
+        return await generation(request, body, chat=False)
 
     @router.post("/chat/completions")
     async def chat_completions(body: proto.ChatCompletionRequest, request: Request) -> Response:
-        server.check_model(body.model)
-        try:
-            return await _respond(server, request, body, [server.chat_prompt(body)], chat=True)
-        except Exception as exc:
-            raise to_openai_error(exc, prompt_param="messages") from exc
+        return await generation(request, body, chat=True)
 
     app.include_router(router)
 
@@ -322,7 +288,8 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, met
         if engine.is_dead:
             return JSONResponse(proto.error_body(str(engine.dead_error), "service_unavailable", None, "engine_dead"), status_code=503)
         if getattr(engine, "is_draining", False):  # shutting down: load balancers should stop sending
-            return JSONResponse(proto.error_body("server is draining", "service_unavailable", None, "engine_draining"), status_code=503)
+            return JSONResponse(proto.error_body("server is draining", "service_unavailable", None, "engine_draining"),
+                                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

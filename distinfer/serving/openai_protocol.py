@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from distinfer.messages import Logprob, RequestOutput
-from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams, is_encodable
 from distinfer.serving.validation import MAX_N, ServingLimits, build_sampling_params
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -84,6 +84,11 @@ class _SamplingRequest(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The name under which the client gave its token budget (for error messages)."""
+        return "max_tokens"
+
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
@@ -149,6 +154,10 @@ class ChatCompletionRequest(_SamplingRequest):
             conversation.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
         return conversation
 
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def to_sampling_params(self, limits: ServingLimits) -> SamplingParams:
         if self.tools:
             raise OpenAIRequestError("tools", "are not supported")
@@ -158,6 +167,28 @@ class ChatCompletionRequest(_SamplingRequest):
             raise OpenAIRequestError("top_logprobs", "requires logprobs to be true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(limits, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+def check_unicode(body: BaseModel) -> None:
+    """400 naming the first string of the body that is not valid Unicode: JSON may carry a lone surrogate
+    ("\\ud800"), which no tokenizer, stop-string match or UTF-8 response can hold."""
+    path = _first_unencodable(body, "")
+    if path is not None:
+        raise OpenAIRequestError(path, "is not valid Unicode (it holds a lone surrogate)")
+
+
+def _first_unencodable(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return None if is_encodable(value) else (path or "body")
+    if isinstance(value, BaseModel):
+        items: Any = ((f"{path}.{k}" if path else k, v) for k, v in value.__dict__.items())
+    elif isinstance(value, dict):
+        items = [(f"{path}.{k}", k) for k in value] + [(f"{path}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)) and value and not isinstance(value[0], int):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:  # numbers, None, and token-id lists (typed list[int]: nothing to check)
+        return None
+    return next((found for p, v in items if (found := _first_unencodable(v, p)) is not None), None)
 
 
 # ---------------------------------------------------------------- responses

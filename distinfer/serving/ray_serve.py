@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from typing import Any, AsyncIterator
 
 import grpc
@@ -26,6 +25,8 @@ from ray import serve
 from ray.serve import Application
 
 from distinfer.engine.async_llm import AsyncLLM
+from distinfer.serving.auth import api_key_problem, resolve_api_key
+from distinfer.serving.grpc_auth import authorization_value
 from distinfer.serving.metrics import EngineMetrics
 from distinfer.serving.openai_http import build_app
 from distinfer.serving.server import DEFAULT_MODEL_NAME
@@ -117,13 +118,14 @@ class DistInferDeployment:
         a = self.args
         kwargs = dict(a.engine_kwargs, tensor_parallel_size=a.tensor_parallel_size,
                       pipeline_parallel_size=a.pipeline_parallel_size, device=a.device)
+        self.api_key = resolve_api_key(a.api_key)  # or $DISTINFER_API_KEY / $DISTINFER_API_KEY_FILE
         self.engine = await asyncio.to_thread(AsyncLLM, a.model, **kwargs)
         self.metrics = EngineMetrics.attach(self.engine, a.model_name)
         self._grpc = self._grpc_servicer()
         logger.info("replica ready: %s (tp=%d, pp=%d)", a.model_name, a.tensor_parallel_size, a.pipeline_parallel_size)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.engine, self.args.model_name, self.args.api_key, self.metrics)
+        return build_app(self.engine, self.args.model_name, self.api_key, self.metrics)
 
     def _grpc_servicer(self) -> Any:
         try:
@@ -148,10 +150,10 @@ class DistInferDeployment:
         """Serve's gRPC proxy does no auth: check the bearer key here (raises after setting the code)."""
         if self._grpc is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the gRPC API is not part of this build")
-        if self.args.api_key:
-            given = dict(context.invocation_metadata()).get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.args.api_key}".encode()):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong `authorization: Bearer <key>`")
+        if self.api_key:
+            problem = api_key_problem(authorization_value(context.invocation_metadata()), self.api_key)
+            if problem is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     async def _unary(self, method: str, request: Any, grpc_context: Any) -> Any:
         """Errors: the servicer sets the status on the context and raises; Serve sends that status."""

@@ -2,15 +2,21 @@
 asyncio loop. `run_server` is what `distinfer serve` runs; `ServerThread` runs the same thing on a
 background thread (tests, benchmarks).
 
-Shutdown (SIGINT/SIGTERM, or `stop()`): the engine drains first — new requests get 503/UNAVAILABLE
-while the ones in flight finish (bounded by drain_timeout_s) — then both listeners stop, then the
-engine and its workers.
+Shutdown (SIGINT/SIGTERM, or `stop()`) fits in `drain_timeout_s` in all, so that it ends inside a
+Kubernetes grace period: the engine drains first (new requests get 503 / UNAVAILABLE with a retry hint,
+health turns NOT_SERVING) while the requests in flight finish; when the drain time runs out the rest are
+cut (an SSE stream gets an error event and [DONE], a gRPC stream a retryable UNAVAILABLE); then both
+listeners stop, then the engine and its workers. A second signal exits at once. A dead engine (a worker
+died, or a step hung past the step timeout) makes the process exit with status 1, so that its
+supervisor (Kubernetes, systemd, Ray) restarts it.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -20,12 +26,19 @@ from typing import Any, Callable, Iterator
 import uvicorn
 
 from distinfer.engine.async_llm import AsyncLLM
+from distinfer.errors import EngineDrainingError
+from distinfer.serving.http_guard import HeaderLimitedH11Protocol
+from distinfer.serving.limits import ServerLimits
 from distinfer.serving.metrics import EngineMetrics
 from distinfer.serving.openai_http import build_app
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+EXIT_OK, EXIT_ENGINE_DEAD = 0, 1
+_CLOSE_RESERVE_S = 3.0  # of the drain budget, kept for cutting streams and closing the listeners
+_TCP_KEEPALIVE = ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3)) \
+    if hasattr(socket, "TCP_KEEPIDLE") else ()
 
 
 @dataclass
@@ -41,8 +54,13 @@ class ServeOptions:
     api_key: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 25.0  # the whole shutdown: drain, cut what is left, close the listeners
+    limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not self.drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
 
     @property
     def model_name(self) -> str:
@@ -55,6 +73,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(options: ServeOptions) -> None:
+    """Serving off loopback without a key, or sending a key in clear text, deserves a loud warning."""
+    if is_loopback(options.host):
+        return
+    if not options.api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                       "(give --api-key-file or DISTINFER_API_KEY)", options.host)
+    elif not options.tls_cert_file:
+        logger.warning("serving on %s with an API key but without TLS: the key crosses the network in clear "
+                       "text (give --tls-cert and --tls-key, or terminate TLS in front of the server)", options.host)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -71,7 +110,7 @@ class DistInferServer:
     def __init__(self, engine: AsyncLLM, options: ServeOptions) -> None:
         self.engine, self.options = engine, options
         self.metrics = EngineMetrics.attach(engine, options.model_name)
-        self.app = build_app(engine, options.model_name, options.api_key, self.metrics)
+        self.app = build_app(engine, options.model_name, options.api_key, self.metrics, options.limits)
         self.http_port = options.http_port
         self.grpc_port = options.grpc_port
         self._uvicorn: _Uvicorn | None = None
@@ -80,12 +119,19 @@ class DistInferServer:
 
     async def start(self) -> None:
         opts = self.options
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        warn_if_exposed(opts)
+        sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit TCP keepalive: a vanished client is found and its requests aborted.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _TCP_KEEPALIVE:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
         sock.bind((opts.host, opts.http_port))
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=opts.log_level, ssl_certfile=opts.tls_cert_file,
-                                ssl_keyfile=opts.tls_key_file, timeout_graceful_shutdown=5, lifespan="off")
+                                ssl_keyfile=opts.tls_key_file, lifespan="off", http=HeaderLimitedH11Protocol,
+                                h11_max_incomplete_event_size=opts.limits.max_header_bytes,
+                                limit_concurrency=opts.limits.max_http_connections, timeout_graceful_shutdown=1)
         self._uvicorn = _Uvicorn(config)
         self._http_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -102,16 +148,16 @@ class DistInferServer:
     async def _start_grpc(self) -> None:
         opts = self.options
         try:
-            from distinfer.serving.grpc_server import start_grpc_server
+            from distinfer.serving.grpc_server import serve_grpc
         except ImportError as exc:
             logger.warning("gRPC API unavailable (%s); serving HTTP only", exc)
             self.grpc_port = None
             return
         if opts.grpc_port == 0:
             self.grpc_port = free_port(opts.host)
-        self._grpc = await start_grpc_server(self.engine, opts.host, self.grpc_port, model_name=opts.model_name,
-                                             api_key=opts.api_key, tls_cert_file=opts.tls_cert_file,
-                                             tls_key_file=opts.tls_key_file)
+        self._grpc = await serve_grpc(self.engine, opts.host, self.grpc_port, model_name=opts.model_name,
+                                      api_key=opts.api_key, tls_cert_file=opts.tls_cert_file,
+                                      tls_key_file=opts.tls_key_file, limits=opts.limits)
 
     async def wait(self) -> None:
         """Until the HTTP server stops (stop() or a fatal error)."""
@@ -119,24 +165,58 @@ class DistInferServer:
             await asyncio.shield(self._http_task)
 
     async def stop(self) -> None:
-        """Drain the engine (bounded), then stop both listeners. The engine itself is left running."""
-        logger.info("draining: refusing new requests, waiting up to %.0f s for %d in flight",
-                    self.options.drain_timeout_s, self.engine.num_pending_requests)
-        await self.engine.drain(self.options.drain_timeout_s)
+        """Drain the engine, cut what is left when the budget runs out, stop both listeners; all within
+        drain_timeout_s. The engine itself is left running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.drain_timeout_s
+        drain_s = max(0.0, self.options.drain_timeout_s - min(_CLOSE_RESERVE_S, self.options.drain_timeout_s / 3))
+        logger.info("draining: refusing new requests, waiting up to %.1f s for %d in flight", drain_s,
+                    self.engine.num_pending_requests)
+        await self.engine.drain(drain_s)
+        cut = self.engine.abort_all(EngineDrainingError(
+            f"the server shut down before this request finished (drain time {self.options.drain_timeout_s:g} s); "
+            "retry it on another replica"))
+        if cut:
+            logger.warning("drain time ran out: cut %d requests", cut)
+            await asyncio.sleep(0.1)  # let the streams send their final error event
+        remaining = max(0.5, deadline - loop.time())
         if self._grpc is not None:
-            await self._grpc.stop(grace=5.0)
+            await self._grpc.stop(grace=remaining / 2)
             self._grpc = None
         if self._uvicorn is not None and self._http_task is not None:
             self._uvicorn.should_exit = True
+            await asyncio.wait({self._http_task}, timeout=max(0.5, deadline - loop.time()))
+            self._http_task.cancel()
             await asyncio.gather(self._http_task, return_exceptions=True)
 
 
-async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer], None] | None = None) -> None:
-    """`distinfer serve`: load the engine, serve until SIGINT/SIGTERM, then shut down gracefully."""
+async def _until_dead(engine: AsyncLLM, poll_s: float = 0.25) -> None:
+    while not engine.is_dead:
+        await asyncio.sleep(poll_s)
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once (128 + signal)."""
+    def on_signal(sig: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now without finishing the shutdown", signal.Signals(sig).name)
+            logging.shutdown()
+            os._exit(128 + sig)
+        logger.info("%s: shutting down (a second signal exits at once)", signal.Signals(sig).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer], None] | None = None,
+                     handle_signals: bool = True) -> int:
+    """`distinfer serve`: load the engine, serve until a signal or the engine's death, shut down;
+    returns the exit status (0, or 1 when the engine died)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if handle_signals:
+        _install_signal_handlers(loop, stop)
     logger.info("loading %s", options.model or "the default model")
     engine = await asyncio.to_thread(AsyncLLM, options.model, **options.engine_kwargs)
     server = DistInferServer(engine, options)
@@ -144,15 +224,22 @@ async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer]
         await server.start()
         if on_ready is not None:
             on_ready(server)
-        waiter = asyncio.ensure_future(server.wait())
-        await asyncio.wait({waiter, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        logger.info("shutting down")
+        waits = {asyncio.ensure_future(server.wait()), asyncio.ensure_future(stop.wait()),
+                 asyncio.ensure_future(_until_dead(engine))}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if engine.is_dead:
+            logger.error("the engine is dead (%s); stopping so that a supervisor restarts the server", engine.dead_error)
+        else:
+            logger.info("shutting down")
         await server.stop()
     finally:
         await asyncio.to_thread(engine.shutdown)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return EXIT_ENGINE_DEAD if engine.is_dead else EXIT_OK
 
 
 class ServerThread:

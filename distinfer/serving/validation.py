@@ -7,21 +7,16 @@ is refused with a message naming the field before it reaches the engine's step l
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from distinfer.sampling_params import SamplingParams, is_encodable
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
-INT32_MAX = 2**31 - 1
-# Dividing logits by a tinier penalty overflows float32 to inf, and inf logits give NaN probabilities.
-MIN_REPETITION_PENALTY = 0.01
-MAX_REPETITION_PENALTY = 100.0
 
 # SamplingParams fields a client may set, with the type each must have.
 SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -54,6 +49,7 @@ class ServingLimits:
 
     vocab_size: int
     max_model_len: int
+    max_prompt_chars: int | None = None  # characters of one prompt text; None: unbounded
 
 
 def _fail(field: str, message: str) -> None:
@@ -99,13 +95,33 @@ def check_prompt_length(num_tokens: int, limits: ServingLimits, field: str) -> N
               "tokens: shorten the prompt (at least one token must be left to generate)")
 
 
-def validate_text_prompt(text: str, limits: ServingLimits, tokenize: Callable[[str], list[int]], field: str = "text") -> list[int]:
-    """Tokenize a non-empty text prompt and check that it fits the context."""
+def check_fits_context(num_prompt_tokens: int, max_tokens: int | None, limits: ServingLimits,
+                       field: str = "max_tokens") -> None:
+    """The prompt plus max_tokens must fit the context (as vLLM and OpenAI: no silent capping)."""
+    room = limits.max_model_len - num_prompt_tokens
+    if max_tokens is not None and max_tokens > room:
+        _fail(field, f"is {max_tokens} but the prompt has {num_prompt_tokens} tokens and the context "
+              f"(max_model_len) is {limits.max_model_len} tokens: at most {room} can be generated; "
+              f"lower {field} or shorten the prompt")
+
+
+def check_text(text: Any, limits: ServingLimits, field: str = "text") -> str:
+    """A non-empty string of valid Unicode within the prompt-size limit (checked before tokenizing)."""
     if not isinstance(text, str):
         _fail(field, f"must be a string, got {type(text).__name__}")
     if not text:
         _fail(field, "must not be empty")
-    ids = list(tokenize(text))
+    if limits.max_prompt_chars is not None and len(text) > limits.max_prompt_chars:
+        _fail(field, f"has {len(text)} characters; at most {limits.max_prompt_chars} are allowed (a longer "
+              "text cannot fit the context)")
+    if not is_encodable(text):
+        _fail(field, "is not valid Unicode (it holds a lone surrogate)")
+    return text
+
+
+def validate_text_prompt(text: str, limits: ServingLimits, tokenize: Callable[[str], list[int]], field: str = "text") -> list[int]:
+    """Tokenize a non-empty text prompt and check that it fits the context (call it off the event loop)."""
+    ids = list(tokenize(check_text(text, limits, field)))
     if not ids:
         _fail(field, "must not be empty (it has no tokens)")
     check_prompt_length(len(ids), limits, field)
@@ -124,35 +140,24 @@ def _check_types(fields: dict[str, Any]) -> None:
 
 
 def _check_limits(fields: dict[str, Any], limits: ServingLimits) -> None:
+    """Bounds of the serving edge beyond what SamplingParams itself checks."""
     n = fields.get("n")
     if n is not None and not 1 <= n <= MAX_N:
         _fail("n", f"must be in [1, {MAX_N}], got {n}")
-    max_tokens = fields.get("max_tokens")
-    if max_tokens is not None and not 1 <= max_tokens <= INT32_MAX:
-        _fail("max_tokens", f"must be >= 1, got {max_tokens}")
-    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-        value = fields.get(name)
-        if value is not None and not math.isfinite(value):
-            _fail(name, f"must be a finite number, got {value!r}")
-    penalty = fields.get("repetition_penalty")
-    if penalty is not None and math.isfinite(penalty) and not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
-        _fail("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}], got {penalty!r}")
     stop = fields.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if len(stop) > MAX_STOP_STRINGS:
         _fail("stop", f"has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for i, s in enumerate(stop):
-        if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
-            _fail("stop", f"[{i}] must be a non-empty string of at most {MAX_STOP_STRING_CHARS} characters, got {s!r}")
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS or not is_encodable(s):
+            _fail("stop", f"[{i}] must be a non-empty string of valid Unicode of at most {MAX_STOP_STRING_CHARS} "
+                  f"characters, got {s!r}")
     stop_ids = list(fields.get("stop_token_ids") or [])
     if len(stop_ids) > MAX_STOP_TOKEN_IDS:
         _fail("stop_token_ids", f"has {len(stop_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     for i, token_id in enumerate(stop_ids):
         if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
             _fail("stop_token_ids", f"[{i}] is {token_id!r}, outside the vocabulary [0, {limits.vocab_size})")
-    logprobs = fields.get("logprobs")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
 
 
 def build_sampling_params(limits: ServingLimits, **fields: Any) -> SamplingParams:

@@ -24,9 +24,9 @@ class SignallingRetry(RetryPolicy):
         super().__init__(max_attempts=200, initial_backoff_s=0.05, max_backoff_s=0.2)
         object.__setattr__(self, "refused", threading.Event())
 
-    def backoff_s(self, attempt: int) -> float:
+    def backoff_s(self, attempt: int, error=None) -> float:
         self.refused.set()
-        return super().backoff_s(attempt)
+        return super().backoff_s(attempt, error)
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 ENGINE_KWARGS = dict(dtype="float32", max_model_len=512, num_kv_blocks=64)

@@ -39,7 +39,7 @@ def test_auth_with_right_key(auth_server):
         assert client.model_info().model_name == "smollm2"
 
 
-@pytest.mark.parametrize("key,message", [(None, "missing authorization"), ("wrong", "invalid API key")])
+@pytest.mark.parametrize("key,message", [(None, "missing API key"), ("wrong", "invalid API key")])
 def test_auth_refuses_missing_or_wrong_key(auth_server, key, message):
     with Client(auth_server.target, api_key=key, timeout=60, retry=NO_RETRY) as client:
         with pytest.raises(AuthenticationError, match=message) as info:

@@ -18,7 +18,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.engine = SimpleNamespace(hf_config=SimpleNamespace(vocab_size=100), max_model_len=64)
-        self.tokenizer = SimpleNamespace(chat_template=None)
+        self.tokenizer = SimpleNamespace(chat_template=None, get_vocab=lambda: {"tok": 0})
         self.error: BaseException | None = None
         self.dead_error: EngineDeadError | None = None
         self.callbacks: list = []
@@ -53,7 +53,7 @@ def _post(client: TestClient, **headers: str):
     (EngineDeadError("engine is dead: worker 1 died"), 503, "engine_dead"),
     (EngineDrainingError("engine is draining"), 503, "engine_draining"),
     (QueueFullError("too many requests in flight"), 429, "queue_full"),
-    (RuntimeError("boom"), 500, None),
+    (RuntimeError("boom"), 500, "internal_error"),
 ])
 def test_engine_errors_map_to_status(engine, error, status, code):
     engine.error = error
@@ -62,6 +62,11 @@ def test_engine_errors_map_to_status(engine, error, status, code):
         response = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "stream": stream})
         assert response.status_code == status
         assert response.json()["error"]["code"] == code
+        if status == 500:  # no exception text for the client: an id to find the details in the log
+            message = response.json()["error"]["message"]
+            assert "boom" not in message and "request id cmpl-" in message, message
+        if code in ("engine_draining", "queue_full"):
+            assert response.headers["retry-after"] == "1"
 
 
 def test_health_reflects_draining_and_dead_engine(engine):
