@@ -1,10 +1,12 @@
 """What stands between a raw HTTP connection and the OpenAI app, so that no request can cost memory or
 parsing time before it is known to be allowed and small enough:
 
-- `HeaderLimitedH11Protocol`: uvicorn's h11 protocol, whose buffer for the request line and headers is
-  bounded (`h11_max_incomplete_event_size`); past it the client gets 431, not a generic 400.
-- `RequestGuard` (ASGI middleware): the API key is checked from the headers before any body byte is read
-  (401), then the body is read with a bound (413, from Content-Length when given) before FastAPI parses it.
+- `HeaderLimitedH11Protocol`: uvicorn's h11 protocol, whose buffer for a request line and headers still
+  incomplete is bounded (`h11_max_incomplete_event_size`): memory stays bounded, and past it the client
+  gets 431, not a generic 400.
+- `RequestGuard` (ASGI middleware): the exact header bound (431: h11 lets a head that arrived whole pass),
+  then the API key, checked before any body byte is read (401), then the body, read with a bound (413,
+  from Content-Length when given) before FastAPI parses it.
 """
 from __future__ import annotations
 
@@ -52,15 +54,22 @@ class RequestGuard:
     """ASGI middleware: API key on `protected_prefix` paths first, then a bounded body read."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, max_body_bytes: int,
-                 protected_prefix: str = "/v1") -> None:
-        self.app, self.api_key, self.max_body_bytes, self.prefix = app, api_key, max_body_bytes, protected_prefix
+                 max_header_bytes: int, protected_prefix: str = "/v1") -> None:
+        self.app, self.api_key, self.prefix = app, api_key, protected_prefix
+        self.max_body_bytes, self.max_header_bytes = max_body_bytes, max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        raw_headers = scope.get("headers") or []
+        headers = dict(raw_headers)
         try:
+            head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            if head + sum(len(k) + len(v) + 4 for k, v in raw_headers) > self.max_header_bytes:
+                raise _Refused(431, error_json(f"the request line and headers exceed the limit of "
+                                               f"{self.max_header_bytes} bytes", "invalid_request_error",
+                                               "headers_too_large"))
             if self.api_key and scope["path"].startswith(self.prefix):
                 problem = api_key_problem(headers.get(b"authorization"), self.api_key)
                 if problem is not None:

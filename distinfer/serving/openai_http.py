@@ -256,7 +256,8 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, met
     app = FastAPI(title="distinfer OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.openai_server = server
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       max_header_bytes=limits.max_header_bytes)
     router = APIRouter(prefix="/v1")
 
     @router.get("/models")
