@@ -255,8 +255,8 @@ class RayExecutor(Executor):
         for worker in workers:
             try:
                 ray.kill(worker)
-            except Exception:  # already dead
-                pass
+            except Exception as exc:  # already dead
+                logger.debug("ray.kill of a worker failed: %s", exc)
         pg, self.placement_group = getattr(self, "placement_group", None), None
         if pg is not None and getattr(self, "_owns_placement_group", True):  # a borrowed group stays
             try:

@@ -192,8 +192,8 @@ async def _close(gens: list) -> None:
     for gen in gens:
         try:
             await gen.aclose()
-        except Exception:  # already failed; its abort has been sent
-            pass
+        except Exception as exc:  # already failed; its abort has been sent
+            logger.debug("closing a finished stream raised %s", type(exc).__name__)
 
 
 async def _respond(server: OpenAIServer, request: Request, body: Any, chat: bool, request_id: str) -> Response:
