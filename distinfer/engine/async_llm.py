@@ -210,8 +210,10 @@ class AsyncLLM:
                     self._wake.clear()
                     continue
                 self._step_started = time.monotonic()
-                outputs = self.engine.step()
-                self._step_started = None
+                try:
+                    outputs = self.engine.step()
+                finally:
+                    self._step_started = None
                 if self.dead_error is not None:  # the watchdog gave up on this step meanwhile
                     return
                 self._dispatch(outputs)
