@@ -32,7 +32,7 @@ def api_key_problem(header_value: str | bytes | None, api_key: str) -> str | Non
     token = bearer_token(header_value)
     if token is None:
         return "the authorization header must be `Bearer <api key>`"
-    if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), api_key.encode()):
+    if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), api_key.encode()):
         return "invalid API key"
     return None
 
@@ -42,7 +42,7 @@ def caller_identity(header_value: str | bytes | None, peer: str) -> str:
     (hashed: never kept in the clear), else the peer's address without its port."""
     token = bearer_token(header_value)
     if token is not None:
-        return "key:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return "key:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer  # "ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4"
     return "peer:" + host
 
@@ -52,16 +52,18 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None)
     A file holds the key on its first line; an empty key is an error, not "no key"."""
     if api_key is not None:
         return _non_empty(api_key, "--api-key")
-    if api_key_file:
-        return _read_key_file(api_key_file)
-    if os.environ.get(API_KEY_ENV):
+    if api_key_file is not None:
+        return _read_key_file(api_key_file, "--api-key-file")
+    if API_KEY_ENV in os.environ:  # set but empty is a mistake to report, not "serve without a key"
         return _non_empty(os.environ[API_KEY_ENV], API_KEY_ENV)
-    if os.environ.get(API_KEY_FILE_ENV):
-        return _read_key_file(os.environ[API_KEY_FILE_ENV])
+    if API_KEY_FILE_ENV in os.environ:
+        return _read_key_file(os.environ[API_KEY_FILE_ENV], API_KEY_FILE_ENV)
     return None
 
 
-def _read_key_file(path: str) -> str:
+def _read_key_file(path: str, source: str) -> str:
+    if not path.strip():
+        raise ValueError(f"{source} is empty: give the path of a file holding the API key")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

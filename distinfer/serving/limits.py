@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+_GRPC_INT_MAX = 2**31 - 1
+_GRPC_INT_ARGS = ("grpc_max_message_bytes", "grpc_max_concurrent_streams", "grpc_keepalive_time_s",
+                  "grpc_keepalive_timeout_s", "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s")
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -32,6 +36,14 @@ class ServerLimits:
             value = getattr(self, f.name)
             if value is not None and not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value!r}")
+        # grpc channel arguments are C ints (times in whole milliseconds): larger values (or inf) would make
+        # the gRPC server fail to start with an OverflowError, and under 1 ms would round to 0.
+        for name in _GRPC_INT_ARGS:
+            value = getattr(self, name)
+            if name.endswith("_s") and not 1 <= value * 1000 <= _GRPC_INT_MAX:
+                raise ValueError(f"{name} must be in [0.001, {_GRPC_INT_MAX / 1000}] seconds, got {value!r}")
+            if not name.endswith("_s") and not value <= _GRPC_INT_MAX:
+                raise ValueError(f"{name} must be <= {_GRPC_INT_MAX}, got {value!r}")
 
     def grpc_server_options(self) -> list[tuple[str, Any]]:
         """grpc core channel arguments for the server."""
