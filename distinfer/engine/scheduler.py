@@ -351,11 +351,11 @@ class Scheduler:
         return False
 
     def _release(self, request: Request) -> None:
-        """Drop a finished request everywhere and free its blocks now."""
+        """Drop a finished request everywhere and free its blocks now (a failed one's leave the prefix cache)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.request_id)
+        self.kv.free(request.request_id, uncache=request.status == RequestStatus.FINISHED_ERROR)
         del self.requests[request.request_id]
         self._finished_req_ids.add(request.request_id)

@@ -95,14 +95,17 @@ class BlockPool:
                 del self._free[block.block_id]
             block.ref_cnt += 1
 
-    def free(self, blocks: Iterable[KVBlock]) -> None:
+    def free(self, blocks: Iterable[KVBlock], uncache: bool = False) -> None:
         """Drop one reference from each block, in the given order; unreferenced ones go to the
-        tail of the free queue (keeping their hash, so they can still be hit until reused)."""
+        tail of the free queue (keeping their hash, so they can still be hit until reused, unless
+        `uncache`: then their contents are not trusted and their hash is dropped)."""
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} freed more times than allocated")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                if uncache:
+                    self._evict_hash(block)
                 self._free[block.block_id] = block
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:

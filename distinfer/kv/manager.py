@@ -128,12 +128,14 @@ class KVCacheManager:
             self.pool.cache_block(blocks[index], hashes[index])
         self._req_num_cached[request_id] = num_full
 
-    def free(self, request_id: str) -> None:
-        """Release all of the request's blocks at once, tail first (tail blocks are evicted first)."""
+    def free(self, request_id: str, uncache: bool = False) -> None:
+        """Release all of the request's blocks at once, tail first (tail blocks are evicted first).
+        `uncache` (a request that failed, e.g. on non-finite values): blocks no other request holds
+        leave the prefix cache, so a later request with the same prefix recomputes them."""
         blocks = self._req_blocks.pop(request_id, [])
         self._req_hashes.pop(request_id, None)
         self._req_num_cached.pop(request_id, None)
-        self.pool.free(reversed(blocks))
+        self.pool.free(reversed(blocks), uncache)
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

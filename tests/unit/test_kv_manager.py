@@ -115,3 +115,17 @@ def test_lookup_on_a_request_holding_blocks_is_refused():
     kv.allocate_slots("a", 4)
     with pytest.raises(ValueError, match="already holds blocks"):
         kv.get_computed_blocks("a", [1, 2, 3, 4, 5])
+
+
+def test_free_with_uncache_drops_only_blocks_nobody_else_holds():
+    """A failed request's blocks leave the prefix cache (their KV may hold NaN), except the blocks
+    another request still holds; a normal free keeps them hittable."""
+    kv = make()
+    prompt = list(range(10))
+    compute(kv, "a", prompt)
+    compute(kv, "b", prompt[:4] + [50, 51, 52, 53, 54])  # shares a's first block
+    kv.free("a", uncache=True)
+    assert kv.get_computed_blocks("c", prompt) == 4  # a's second block is gone, the shared first stays
+    kv.free("c")
+    kv.free("b")
+    assert kv.get_computed_blocks("d", prompt[:4] + [50, 51, 52, 53, 54]) == 8  # b ended normally: cached

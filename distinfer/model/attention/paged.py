@@ -232,7 +232,15 @@ class TorchSDPABackend(AttentionBackend):
     def _decode_chunk(qg: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, c: DecodeChunk,
                       scale: float) -> torch.Tensor:
         k, v = gather_kv(kv_cache, c.block_ids, c.end - c.start, c.kv_len)
-        mask = None if c.mask is None else md.mask_as(c.mask, qg.dtype)
+        mask = None
+        if c.mask is not None:
+            mask = md.mask_as(c.mask, qg.dtype)
+            # A row's slots past its length are masked, but a freed block keeps what its last owner wrote
+            # (NaN from a request that failed on non-finite values), and a NaN key or value gives NaN
+            # even at weight 0: zero them in the gathered copy (never in the cache).
+            padded = c.mask.isinf().view(c.end - c.start, 1, c.kv_len, 1)
+            k.masked_fill_(padded, 0)
+            v.masked_fill_(padded, 0)
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
 
     @staticmethod
