@@ -305,13 +305,15 @@ class InferenceServicer:
                 raise RequestValidationError("text", f"text has {len(request.text)} characters; at most "
                                              f"{limits.max_prompt_chars} are allowed")
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids, tokens = await asyncio.to_thread(_tokenize, engine.tokenizer, request.text, add_special)
-            return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=engine.engine.max_model_len)
+            return await asyncio.to_thread(_tokenize, engine.tokenizer, request.text, add_special,
+                                           engine.engine.max_model_len)
         except Exception as exc:
             await self._abort(context, exc)
             raise
 
 
-def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[str]]:
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int) -> pb.TokenizeResponse:
+    """The whole Tokenize answer, built on a worker thread (a long text's response is large too)."""
     ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    return ids, [t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(ids)]
+    tokens = [t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(ids)]
+    return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=max_model_len)

@@ -54,6 +54,9 @@ class ServerLimits:
             ("grpc.max_concurrent_streams", self.grpc_max_concurrent_streams),
             ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_time_s)),
             ("grpc.keepalive_timeout_ms", ms(self.grpc_keepalive_timeout_s)),
+            # grpc core waits for a ping's ack for ping_timeout_ms (default 1 minute), and a missing keepalive
+            # ack closes the connection only then: without this a half-open client holds its KV ~60 s longer.
+            ("grpc.http2.ping_timeout_ms", ms(self.grpc_keepalive_timeout_s)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Clients may ping as often as the server does; more often earns a GOAWAY (too_many_pings).

@@ -225,6 +225,7 @@ GRPC_OPTIONS = {  # grpc core channel-argument names (include/grpc/impl/channel_
     "grpc.max_concurrent_streams": 77,
     "grpc.keepalive_time_ms": 12500,
     "grpc.keepalive_timeout_ms": 3250,
+    "grpc.http2.ping_timeout_ms": 3250,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     "grpc.http2.min_ping_interval_without_data_ms": 12500,
