@@ -219,6 +219,10 @@ async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer]
         _install_signal_handlers(loop, stop)
     logger.info("loading %s", options.model or "the default model")
     engine = await asyncio.to_thread(AsyncLLM, options.model, **options.engine_kwargs)
+    if handle_signals:
+        # Again: starting Ray installs abseil's failure-signal handler over ours for SIGTERM, which
+        # aborts the process (SIGABRT, exit 134) 3 s after the signal, in the middle of the drain.
+        _install_signal_handlers(loop, stop)
     server = DistInferServer(engine, options)
     try:
         await server.start()
