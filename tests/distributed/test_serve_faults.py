@@ -17,13 +17,9 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -31,13 +27,11 @@ import psutil
 import pytest
 
 from distinfer.client._common import build_generate_request
-from distinfer.serving.server import free_port
-from distinfer.v1 import inference_pb2_grpc as pb_grpc
+from tests.serve_process import ServeProcess, StreamLog, read_grpc, read_sse, start_reader
 
 pytestmark = pytest.mark.timeout(400)
 logger = logging.getLogger(__name__)
 
-STARTUP_S = 240
 STEP_TIMEOUT_S = 6.0
 RAY_TEARDOWN_S = 10.0  # Ray's own teardown at exit (~0.5 s measured; its task-event and metrics exporters are off)
 DRAIN_S = 6.0
@@ -58,44 +52,19 @@ def process_title(proc: psutil.Process) -> str:
 
 
 @dataclass
-class RayServe:
-    """`distinfer serve MODEL -tp 2` with its own local Ray; output goes to files."""
+class RayServe(ServeProcess):
+    """`distinfer serve MODEL -tp 2` with its own local Ray."""
 
-    proc: subprocess.Popen
-    http_url: str
-    grpc_target: str
-    stderr_path: Path
     tree: list[psutil.Process] = field(default_factory=list)  # every descendant seen while it served
 
     @classmethod
-    def start(cls, tmp: Path, model_dir: str, *args: str) -> RayServe:
-        http_port, grpc_port = free_port(), free_port()
-        command = [sys.executable, "-m", "distinfer.cli", "--log-level", "INFO", "serve", model_dir,
-                   "--served-model-name", MODEL, "-tp", "2", "--step-timeout", str(STEP_TIMEOUT_S),
-                   "--max-model-len", "512", "--num-kv-blocks", "128", "--http-port", str(http_port),
-                   "--grpc-port", str(grpc_port), *args]
+    def start(cls, tmp: Path, model_dir: str, *args: str) -> "RayServe":
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, never ours
-        stderr_path = tmp / f"serve-{http_port}.err"
-        with open(tmp / f"serve-{http_port}.out", "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
-        serve = cls(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", stderr_path)
-        serve.wait_healthy()
-        return serve
+        return super().start(tmp, model_dir, "--served-model-name", MODEL, "-tp", "2", "--step-timeout",
+                             str(STEP_TIMEOUT_S), "--max-model-len", "512", "--num-kv-blocks", "128", *args, env=env)
 
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}"
-            try:
-                if httpx.get(self.http_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.25)
+    def on_poll(self) -> None:
+        self.snapshot()
 
     def snapshot(self) -> list[psutil.Process]:
         """Remember every descendant now alive (they are reparented once the server exits)."""
@@ -110,14 +79,6 @@ class RayServe:
     def workers(self) -> list[psutil.Process]:
         workers = [p for p in self.snapshot() if process_title(p).startswith("ray::RayWorker")]
         return sorted(workers, key=lambda p: p.pid)
-
-    def wait_exit(self, timeout_s: float) -> int | None:
-        """The exit status, or None when still running after timeout_s; keeps noting the process tree."""
-        deadline = time.monotonic() + timeout_s
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self.snapshot()
-            time.sleep(0.2)
-        return self.proc.poll()
 
     def reap(self, timeout_s: float = 30.0) -> list[str]:
         """Kill the server if it still runs; wait (bounded) for its tree to end, then kill what is left.
@@ -143,54 +104,16 @@ class RayServe:
         return leaked
 
 
-@dataclass
-class StreamLog:
-    tokens: list[int] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-    error: BaseException | None = None
-    ended_at: float = 0.0
-    started: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
+
+def grpc_reader(target: str) -> StreamLog:
+    request = build_generate_request("Once upon a time", None, 0, MODEL, dict(LONG))
+    log = start_reader(read_grpc, target, request, ())
+    assert log.started.wait(120) and log.error is None, log.error
+    return log
 
 
-def read_grpc(target: str, log: StreamLog) -> None:
-    """Thread body: one long Generate stream on a raw stub (the RpcError keeps its trailing metadata)."""
-    with grpc.insecure_channel(target) as channel:
-        request = build_generate_request("Once upon a time", None, 0, MODEL, dict(LONG))
-        try:
-            for response in pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=120):
-                log.tokens.extend(response.token_ids)
-                if len(log.tokens) >= 3:
-                    log.started.set()
-        except grpc.RpcError as exc:
-            log.error = exc
-        finally:
-            log.ended_at = time.monotonic()
-            log.started.set()
-            log.done.set()
-
-
-def read_sse(url: str, log: StreamLog) -> None:
-    """Thread body: one long streamed /v1/completions, every `data:` payload kept."""
-    body = {"model": MODEL, "prompt": "Once upon a time", "stream": True, **LONG}
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    log.events.append(line[len("data: "):])
-                    if len(log.events) >= 3:
-                        log.started.set()
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        log.error = exc
-    finally:
-        log.ended_at = time.monotonic()
-        log.started.set()
-        log.done.set()
-
-
-def start_reader(target, *args: Any) -> StreamLog:
-    log = StreamLog()
-    threading.Thread(target=target, args=(*args, log), daemon=True).start()
+def sse_reader(url: str) -> StreamLog:
+    log = start_reader(read_sse, url, {"model": MODEL, "prompt": "Once upon a time", "stream": True, **LONG}, {})
     assert log.started.wait(120) and log.error is None, log.error
     return log
 
@@ -221,7 +144,7 @@ def test_hung_worker_fails_the_stream_and_the_server_exits_1(tmp_path, tiny_mode
     try:
         workers = serve.workers()
         assert len(workers) == 2, [process_title(p) for p in serve.tree]
-        stream = start_reader(read_grpc, serve.grpc_target)
+        stream = grpc_reader(serve.grpc_target)
         hung = workers[-1]
         hung.suspend()
         injected = time.monotonic()
@@ -242,7 +165,7 @@ def test_hung_worker_fails_the_stream_and_the_server_exits_1(tmp_path, tiny_mode
     assert "engine is dead" in stream.error.details()
     assert dict(stream.error.trailing_metadata() or ()).get("distinfer-retryable") == "false"
     assert STEP_TIMEOUT_S - 1 <= stream.ended_at - injected <= STEP_TIMEOUT_S + 30
-    assert len(stream.tokens) < LONG["max_tokens"]
+    assert len(stream.pieces) < LONG["max_tokens"]
 
     statuses = [status for _, status, _ in health]
     dead = [i for i, (_, status, code_) in enumerate(health) if status == 503 and code_ == "engine_dead"]
@@ -257,7 +180,7 @@ def test_sigterm_drains_and_exits_0(tmp_path, tiny_model_dir):
     serve = RayServe.start(tmp_path, tiny_model_dir, "--drain-timeout", str(DRAIN_S))
     try:
         assert len(serve.workers()) == 2
-        stream = start_reader(read_sse, serve.http_url)
+        stream = sse_reader(serve.http_url)
         serve.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         code = serve.wait_exit(DRAIN_S + RAY_TEARDOWN_S)

@@ -16,11 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -31,11 +27,11 @@ from distinfer.client._common import build_generate_request
 from distinfer.serving.server import DEFAULT_MODEL_NAME, free_port
 from distinfer.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import hf_greedy
+from tests.serve_process import ServeProcess, StreamLog, read_grpc, read_sse, start_reader
 
 pytestmark = pytest.mark.timeout(300)
 logger = logging.getLogger(__name__)
 
-STARTUP_S = 240
 DRAIN_S = 6.0
 EXIT_MARGIN_S = 4.0
 DRAIN_PHASE_S = DRAIN_S - min(3.0, DRAIN_S / 3)  # what the server gives the engine before cutting (server.py)
@@ -44,53 +40,10 @@ LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}
 ENV_KEY = "env-k3y"
 
 
-@dataclass
-class Serve:
-    """One `distinfer serve` process; stdout/stderr go to files (a full pipe would block the server)."""
-
-    proc: subprocess.Popen
-    http_url: str
-    grpc_target: str
-    stderr_path: Path
-
+class Serve(ServeProcess):
     @classmethod
-    def start(cls, tmp: Path, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Serve:
-        http_port, grpc_port = free_port(), free_port()
-        command = [sys.executable, "-m", "distinfer.cli", "--log-level", "INFO", "serve", "--host", host,
-                   "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "2048", *args]
-        stderr_path = tmp / f"serve-{http_port}.err"
-        with open(tmp / f"serve-{http_port}.out", "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
-        serve = cls(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", stderr_path)
-        serve.wait_healthy()
-        return serve
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}"
-            try:
-                if httpx.get(self.http_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
-
-    def wait_exit(self, timeout_s: float) -> int | None:
-        """The exit status, or None when the process is still running after timeout_s."""
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+    def start(cls, tmp, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> "Serve":
+        return super().start(tmp, "--max-model-len", "2048", *args, env=env, host=host)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -104,69 +57,26 @@ def auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-@dataclass
-class StreamLog:
-    """What a reader thread saw of one stream."""
-
-    pieces: list[Any] = field(default_factory=list)  # SSE: text deltas; gRPC: token ids
-    events: list[str] = field(default_factory=list)  # SSE: every `data:` payload
-    error: BaseException | None = None  # gRPC: the RpcError it ended with; SSE: a transport error
-    started: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
+def grpc_auth(key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
-def read_sse(url: str, key: str | None, prompt_ids: list[int], log: StreamLog) -> None:
-    """Thread body: one streamed /v1/completions, every event kept."""
+def sse_reader(url: str, key: str | None, prompt_ids: list[int]) -> StreamLog:
     body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt_ids, "stream": True, **LONG}
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(key), timeout=60) as response:
-            assert response.status_code == 200, response.read()
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
-                log.events.append(payload)
-                if payload != "[DONE]" and "choices" in json.loads(payload):
-                    log.pieces.extend(c["text"] for c in json.loads(payload)["choices"])
-                    if len(log.pieces) >= 3:
-                        log.started.set()
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        log.error = exc
-    finally:
-        log.started.set()
-        log.done.set()
+    return start_reader(read_sse, url, body, auth(key))
 
 
-def read_grpc(target: str, key: str | None, prompt_ids: list[int], log: StreamLog) -> None:
-    """Thread body: one Generate stream on a raw stub (the RpcError keeps its trailing metadata)."""
-    metadata = (("authorization", f"Bearer {key}"),) if key else ()
-    with grpc.insecure_channel(target) as channel:
-        request = build_generate_request(prompt_ids, None, 0, DEFAULT_MODEL_NAME, dict(LONG))
-        try:
-            for response in pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=60, metadata=metadata):
-                log.pieces.extend(response.token_ids)
-                if len(log.pieces) >= 3:
-                    log.started.set()
-        except grpc.RpcError as exc:
-            log.error = exc
-        finally:
-            log.started.set()
-            log.done.set()
-
-
-def start_reader(target, *args: Any) -> StreamLog:
-    log = StreamLog()
-    threading.Thread(target=target, args=(*args, log), daemon=True).start()
-    return log
+def grpc_reader(target: str, key: str | None, prompt_ids: list[int]) -> StreamLog:
+    request = build_generate_request(prompt_ids, None, 0, DEFAULT_MODEL_NAME, dict(LONG))
+    return start_reader(read_grpc, target, request, grpc_auth(key))
 
 
 def grpc_generate_error(target: str, key: str | None) -> grpc.RpcError:
     """The error a new small Generate gets (the call must fail)."""
     with grpc.insecure_channel(target) as channel:
         request = build_generate_request("Hello", None, 0, DEFAULT_MODEL_NAME, {"max_tokens": 4})
-        metadata = (("authorization", f"Bearer {key}"),) if key else ()
         try:
-            list(pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=10, metadata=metadata))
+            list(pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=10, metadata=grpc_auth(key)))
         except grpc.RpcError as exc:
             return exc
     raise AssertionError("Generate succeeded; it had to fail")
@@ -210,8 +120,8 @@ def test_drain_cuts_live_streams_on_both_apis(tmp_path, hf_model, tokenizer):
         assert httpx.get(serve.http_url + "/v1/models", timeout=10).status_code == 401
         assert httpx.get(serve.http_url + "/v1/models", headers=auth("wrong"), timeout=10).status_code == 401
         assert httpx.get(serve.http_url + "/v1/models", headers=auth(ENV_KEY), timeout=10).status_code == 200
-        sse = start_reader(read_sse, serve.http_url, ENV_KEY, prompt_ids)
-        rpc = start_reader(read_grpc, serve.grpc_target, ENV_KEY, prompt_ids)
+        sse = sse_reader(serve.http_url, ENV_KEY, prompt_ids)
+        rpc = grpc_reader(serve.grpc_target, ENV_KEY, prompt_ids)
         assert sse.started.wait(120) and rpc.started.wait(120)
         assert sse.error is None and rpc.error is None, (sse.error, rpc.error)
         signalled = time.monotonic()
@@ -264,7 +174,7 @@ def test_second_signal_exits_at_once_and_public_host_warns(tmp_path):
     serve = Serve.start(tmp_path, "--drain-timeout", "60", env=clean_env(), host="0.0.0.0")
     try:
         assert "serving on 0.0.0.0 without an API key" in serve.stderr()
-        sse = start_reader(read_sse, serve.http_url, None, [1, 2, 3, 4])
+        sse = sse_reader(serve.http_url, None, [1, 2, 3, 4])
         assert sse.started.wait(120) and sse.error is None, sse.error
         serve.proc.send_signal(signal.SIGTERM)
         health = wait_health_503(serve.http_url, 10)
