@@ -6,8 +6,10 @@ to the server log under that id.
 """
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,14 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # Retry-After on 429 and on 503 while draining: another replica, or this one later
 
 
+class ErrorResponse(JSONResponse):
+    """An error body that renders whatever client text it echoes: non-ASCII is \\u-escaped, so a lone
+    surrogate (valid in JSON, not in UTF-8) cannot make rendering fail."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                  retry_after_s: int | None = None) -> None:
@@ -34,7 +44,7 @@ class OpenAIError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return ErrorResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class ClientDisconnected(Exception):
@@ -84,12 +94,12 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float")) or None
         message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
         if first.get("type") == "json_invalid" or (not loc and first.get("type") in ("model_attributes_type", "dict_type")):
-            param, message = None, "request body must be a JSON object in UTF-8"
-        return JSONResponse(proto.error_body(message, "invalid_request_error", param), status_code=400)
+            param, message = None, "request body must be a JSON object in UTF-8 (Content-Type: application/json)"
+        return ErrorResponse(proto.error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(proto.error_body(str(exc.detail), "invalid_request_error", None, exc.status_code),
+        return ErrorResponse(proto.error_body(str(exc.detail), "invalid_request_error", None, exc.status_code),
                             status_code=exc.status_code)
 
     @app.exception_handler(Exception)

@@ -197,7 +197,6 @@ async def _close(gens: list) -> None:
 
 
 async def _respond(server: OpenAIServer, request: Request, body: Any, chat: bool, request_id: str) -> Response:
-    proto.check_unicode(body)
     params = body.to_sampling_params(server.limits)
     prompts = [await server.chat_prompt(body)] if chat else await server.completion_prompts(body)
     for ids in prompts:
@@ -267,9 +266,10 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, met
         return {"object": "list", "data": [card]}
 
     async def generation(request: Request, body: Any, chat: bool) -> Response:
-        server.check_model(body.model)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        try:
+        try:  # every refusal becomes an OpenAIError here: an exception left for Starlette is logged as a crash
+            proto.check_unicode(body)  # first: no error message may echo a lone surrogate (e.g. the model name)
+            server.check_model(body.model)
             return await _respond(server, request, body, chat, request_id)
         except Exception as exc:
             raise to_openai_error(exc, "messages" if chat else "prompt", request_id) from exc
