@@ -38,6 +38,7 @@ from distinfer.serving.validation import (
     ServingLimits,
     check_fits_context,
     check_prompt_length,
+    check_text,
     validate_text_prompt,
     validate_token_ids,
 )
@@ -107,7 +108,8 @@ class OpenAIServer:
     async def completion_prompts(self, body: proto.CompletionRequest) -> list[list[int]]:
         """Token ids of every prompt of the batch (text tokenized on a worker thread)."""
         prompts = body.prompts()
-        if not any(isinstance(p, str) for p in prompts):
+        texts = [check_text(p, self.limits, "prompt") for p in prompts if isinstance(p, str)]  # before any tokenizing
+        if not texts:
             return [validate_token_ids(p, self.limits, "prompt") for p in prompts]
         return await asyncio.to_thread(
             lambda: [validate_text_prompt(p, self.limits, self._encode, "prompt") if isinstance(p, str)
