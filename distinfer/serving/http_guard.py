@@ -18,6 +18,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from distinfer.serving.auth import api_key_problem
+from distinfer.serving.openai_protocol import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def error_json(message: str, type_: str, code: str | int | None, param: str | None = None) -> bytes:
-    """OpenAI's error body."""
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+def error_json(message: str, type_: str, code: str | int | None) -> bytes:
+    """OpenAI's error body, encoded."""
+    return json.dumps(error_body(message, type_, None, code)).encode()
 
 
 class HeaderLimitedH11Protocol(H11Protocol):
