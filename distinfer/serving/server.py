@@ -131,7 +131,8 @@ class DistInferServer:
         config = uvicorn.Config(self.app, log_level=opts.log_level, ssl_certfile=opts.tls_cert_file,
                                 ssl_keyfile=opts.tls_key_file, lifespan="off", http=HeaderLimitedH11Protocol,
                                 h11_max_incomplete_event_size=opts.limits.max_header_bytes,
-                                limit_concurrency=opts.limits.max_http_connections, timeout_graceful_shutdown=1)
+                                # uvicorn refuses once connections >= the limit, counting the new one too
+                                limit_concurrency=opts.limits.max_http_connections + 1, timeout_graceful_shutdown=1)
         self._uvicorn = _Uvicorn(config)
         self._http_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:

@@ -19,6 +19,7 @@ import pytest
 from distinfer import AsyncLLM
 from distinfer.client import (
     Client,
+    DeadlineExceededError,
     InvalidArgumentError,
     ResourceExhaustedError,
     RetryPolicy,
@@ -182,6 +183,29 @@ def test_concurrent_rpc_bound(narrow, client):
             except ResourceExhaustedError:
                 assert time.monotonic() < deadline, "calls still refused 30 s after the streams were cancelled"
                 time.sleep(0.05)
+    wait_idle(client)
+
+
+@pytest.fixture(scope="module")
+def one_stream(engine: AsyncLLM) -> Iterator[ServerThread]:
+    """One stream per connection (stopping a server drains the shared engine: only at module end)."""
+    with _serve(engine, ServerLimits(grpc_max_concurrent_streams=1)) as server:
+        yield server
+
+
+def test_streams_per_connection_bound(one_stream, client):
+    """grpc_max_concurrent_streams=1: a second call on the same connection waits for a free stream (its
+    deadline passes) while a call on another connection is answered; once the first stream ends, the
+    queued connection serves again."""
+    with Client(one_stream.grpc_target, timeout=60, retry=NO_RETRY) as first, \
+            Client(one_stream.grpc_target, timeout=60, retry=NO_RETRY) as other:
+        stream = first.generate_stream(STORY, **LONG)
+        assert next(stream).token_ids
+        with pytest.raises(DeadlineExceededError):
+            first.generate("Hi", max_tokens=2, timeout=2)
+        assert len(other.generate("Hi", max_tokens=2).token_ids) == 2
+        stream.cancel()
+        assert len(first.generate("Hi", max_tokens=2).token_ids) == 2
     wait_idle(client)
 
 

@@ -157,6 +157,33 @@ def test_body_at_the_bound_is_accepted_and_one_byte_more_is_413(guarded, chunked
     assert over.status_code == 413 and over.json()["error"]["code"] == "request_too_large"
 
 
+@pytest.fixture(scope="module")
+def two_connections(engine: AsyncLLM) -> Iterator[ServerThread]:
+    """At most two HTTP connections (stopping a server drains the shared engine: only at module end)."""
+    options = ServeOptions(http_port=0, grpc_port=None, limits=ServerLimits(max_http_connections=2), drain_timeout_s=5)
+    with ServerThread(engine, options) as server:
+        yield server
+
+
+def test_connections_over_the_bound_get_503(two_connections):
+    """max_http_connections=2: with two connections open, a request on a third is answered 503; once they
+    close, requests are served again."""
+    server = two_connections
+    held = [_connect(server) for _ in range(2)]
+    for sock in held:  # both connections are accepted and served
+        assert _send(sock, _head("/health", method="GET"))
+        assert _read_response(sock)[0] == 200
+    third = _connect(server)
+    assert _send(third, _head("/health", method="GET"))
+    assert _read_response(third)[0] == 503
+    for sock in [third, *held]:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.http_url + "/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "still refused after the connections closed"
+        time.sleep(0.05)
+
+
 def test_head_over_the_bound_sent_at_once_is_431(guarded):
     small = httpx.get(guarded.http_url + "/health", headers={"X-Pad": "a" * (HEADER_BOUND - 2048)}, timeout=30)
     assert small.status_code == 200
