@@ -184,6 +184,20 @@ def test_connections_over_the_bound_get_503(two_connections):
         time.sleep(0.05)
 
 
+def test_connections_are_tcp_nodelay(guarded):
+    """Every accepted connection has Nagle off: otherwise a response's body (and every SSE event) waits
+    behind the client's delayed ACK (~40 ms per small response; benchmarks/http_latency.py)."""
+    sock = _connect(guarded)
+    assert _send(sock, _head("/health", method="GET"))
+    assert _read_response(sock)[0] == 200
+    connections = list(guarded.server._uvicorn.server_state.connections)
+    assert connections
+    for protocol in connections:
+        server_side = protocol.transport.get_extra_info("socket")
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    sock.close()
+
+
 def test_head_over_the_bound_sent_at_once_is_431(guarded):
     small = httpx.get(guarded.http_url + "/health", headers={"X-Pad": "a" * (HEADER_BOUND - 2048)}, timeout=30)
     assert small.status_code == 200
