@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import save_tiny_llama
+
 # Tiny but not trivial: 4 heads / 2 KV heads split over tp=2, 4 layers split over pp=2, the real
 # tokenizer's vocabulary (49152) so text prompts and detokenization work as on the real model.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -23,17 +25,7 @@ TEST_TIMEOUT_S = 300
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> str:
     """A random Llama saved as safetensors, with the default model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **TINY)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")), default_model_dir, **TINY)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distinfer import LLM, SamplingParams
+from tests.conftest import save_tiny_llama
 
 logger = logging.getLogger(__name__)
 pytestmark = [
@@ -43,16 +44,7 @@ def token_ids(llm: LLM, prompts: list[str], params: SamplingParams | list[Sampli
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_model_dir) -> str:
     """A random Llama saved as safetensors with the default model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **TINY)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-cuda")
-    LlamaForCausalLM(config).eval().save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-cuda")), default_model_dir, **TINY)
 
 
 @pytest.fixture(scope="module")
