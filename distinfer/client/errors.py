@@ -74,20 +74,20 @@ def is_retryable(error: grpc.RpcError) -> bool:
     may answer); not when the server says it is final (dead engine)."""
     if not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    try:
-        metadata = error.trailing_metadata() or ()
-    except Exception:  # some transport failures carry no metadata at all
-        metadata = ()
-    return all(not (k == RETRYABLE_KEY and v == "false") for k, v in metadata)
+    return all(not (k == RETRYABLE_KEY and v == "false") for k, v in _trailing(error))
 
 
 def retry_pushback_s(error: grpc.RpcError) -> float:
     """The server's hint (grpc-retry-pushback-ms) of how long to wait before a retry; 0 without one."""
-    try:
-        metadata = error.trailing_metadata() or ()
-    except Exception:  # a transport failure may carry no metadata
-        return 0.0
-    for key, value in metadata:
+    for key, value in _trailing(error):
         if key == RETRY_AFTER_KEY and str(value).isdigit():
             return int(value) / 1000.0
     return 0.0
+
+
+def _trailing(error: grpc.RpcError) -> tuple:
+    """The call's trailing metadata; empty when a transport failure carried none."""
+    try:
+        return tuple(error.trailing_metadata() or ())
+    except Exception:  # some transport failures carry no metadata at all
+        return ()

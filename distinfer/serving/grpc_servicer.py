@@ -44,7 +44,7 @@ from distinfer.serving.validation import (
     check_text,
     validate_model_name,
     validate_request_id,
-    validate_text_prompt,
+    tokenize_checked_text,
     validate_token_ids,
 )
 from distinfer.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -194,7 +194,7 @@ class InferenceServicer:
         if which == "text":
             check_text(request.text, limits, "text")  # before any tokenizing work
             encode = lambda text: engine.tokenizer.encode(text, add_special_tokens=True)  # noqa: E731
-            ids = await asyncio.to_thread(validate_text_prompt, request.text, limits, encode)
+            ids = await asyncio.to_thread(tokenize_checked_text, request.text, limits, encode)
         elif which == "token_ids":
             ids = validate_token_ids(request.token_ids.ids, limits, "token_ids.ids")
         else:

@@ -39,7 +39,7 @@ from distinfer.serving.validation import (
     check_fits_context,
     check_prompt_length,
     check_text,
-    validate_text_prompt,
+    tokenize_checked_text,
     validate_token_ids,
 )
 
@@ -112,7 +112,7 @@ class OpenAIServer:
         if not texts:
             return [validate_token_ids(p, self.limits, "prompt") for p in prompts]
         return await asyncio.to_thread(
-            lambda: [validate_text_prompt(p, self.limits, self._encode, "prompt") if isinstance(p, str)
+            lambda: [tokenize_checked_text(p, self.limits, self._encode, "prompt") if isinstance(p, str)
                      else validate_token_ids(p, self.limits, "prompt") for p in prompts])
 
     async def chat_prompt(self, body: proto.ChatCompletionRequest) -> list[int]:

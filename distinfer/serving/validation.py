@@ -120,8 +120,15 @@ def check_text(text: Any, limits: ServingLimits, field: str = "text") -> str:
 
 
 def validate_text_prompt(text: str, limits: ServingLimits, tokenize: Callable[[str], list[int]], field: str = "text") -> list[int]:
-    """Tokenize a non-empty text prompt and check that it fits the context (call it off the event loop)."""
-    ids = list(tokenize(check_text(text, limits, field)))
+    """Check a text prompt (check_text), tokenize it and check that it fits the context."""
+    return tokenize_checked_text(check_text(text, limits, field), limits, tokenize, field)
+
+
+def tokenize_checked_text(text: str, limits: ServingLimits, tokenize: Callable[[str], list[int]],
+                          field: str = "text") -> list[int]:
+    """Tokenize a text that passed check_text and check that it fits the context: the front ends check
+    on the event loop, then run this on a worker thread."""
+    ids = list(tokenize(text))
     if not ids:
         _fail(field, "must not be empty (it has no tokens)")
     check_prompt_length(len(ids), limits, field)
