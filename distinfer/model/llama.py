@@ -13,7 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from distinfer.distributed.parallel_state import get_pp_layer_partition, get_pp_rank, get_pp_world_size
-from distinfer.model.attention.paged import AttentionMetadata, get_attention_backend, make_kv_cache
+from distinfer.model.attention.paged import (AttentionMetadata, get_attention_backend, make_kv_cache,
+                                            resolve_attention_backend)
 from distinfer.model.layers.activation import GatedActivation
 from distinfer.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distinfer.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -72,7 +73,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.qk_size = self.qkv_proj.q_size, self.qkv_proj.q_size + self.qkv_proj.kv_size
         self.scale = self.head_dim ** -0.5
-        self.backend = get_attention_backend(backend)
+        # "auto" resolves for the device the model is built on (the loader builds under torch.device(...))
+        self.backend = get_attention_backend(resolve_attention_backend(backend, torch.get_default_device()))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
@@ -100,9 +102,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, attention_backend: str = "auto") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, attention_backend)
         self.mlp = LlamaMLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -120,7 +122,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, attention_backend: str = "auto") -> None:
         super().__init__()
         self.pp_rank, self.pp_size = get_pp_rank(), get_pp_world_size()
         self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
@@ -129,7 +131,7 @@ class LlamaModel(nn.Module):
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype) if self.start_layer <= i < self.end_layer else nn.Identity()
+            LlamaDecoderLayer(config, dtype, attention_backend) if self.start_layer <= i < self.end_layer else nn.Identity()
             for i in range(config.num_hidden_layers))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -154,14 +156,14 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The model the runner drives; see `forward`, `compute_logits`, `load_weights`, KV cache helpers."""
 
-    def __init__(self, hf_config: PretrainedConfig, dtype: torch.dtype) -> None:
+    def __init__(self, hf_config: PretrainedConfig, dtype: torch.dtype, attention_backend: str = "auto") -> None:
         super().__init__()
         self.config, self.dtype = hf_config, dtype
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         window = getattr(hf_config, "sliding_window", None)
         if window is not None and window < hf_config.max_position_embeddings:
             logger.warning("sliding_window=%d is not implemented: exact only for contexts <= %d", window, window)
-        self.model = LlamaModel(hf_config, dtype)
+        self.model = LlamaModel(hf_config, dtype, attention_backend)
         if self.model.is_last:
             self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, dtype)
             if self.tie_word_embeddings and self.model.is_first:

@@ -170,11 +170,13 @@ def init_dummy_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> 
             param.normal_(0.0, std, generator=gen)
 
 
-def load_model(model_config: ModelConfig, hf_config: PretrainedConfig) -> LlamaForCausalLM:
-    """Build the model on `model_config.device` in `model_config.torch_dtype` and fill its weights."""
+def load_model(model_config: ModelConfig, hf_config: PretrainedConfig,
+               device: torch.device | None = None) -> LlamaForCausalLM:
+    """Build the model on `device` (default: `model_config.device`) in `model_config.torch_dtype` with its
+    attention backend, and fill its weights."""
     cls = get_model_class(hf_config)
-    with torch.device(model_config.device):
-        model = cls(hf_config, model_config.torch_dtype)
+    with torch.device(device or model_config.device):
+        model = cls(hf_config, model_config.torch_dtype, model_config.attention_backend)
     if model_config.load_format == LoadFormat.DUMMY:
         init_dummy_weights(model, model_config.seed)
     else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,7 +45,7 @@ class ServeAppArgs(BaseModel):
     served_model_name: str | None = None
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
-    device: str = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the Ray cluster has GPUs
     api_key: str | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other AsyncLLM keyword
 
@@ -60,13 +60,37 @@ class ServeAppArgs(BaseModel):
         return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else DEFAULT_MODEL_NAME
 
 
+def resolve_serve_device(device: str) -> str:
+    """"auto" -> "cuda" when the Ray cluster this process is connected to (else this machine) has a GPU.
+    Resolved once, when the app is built, so the reservation and the engine agree."""
+    if device != "auto":
+        return device
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else _local_gpu_count()
+    return "cuda" if gpus >= 1 else "cpu"
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def placement_bundles(args: ServeAppArgs) -> list[dict[str, float]] | None:
-    """Bundle 0: the replica (engine, step loop, HTTP/gRPC adapters); then one per worker rank.
-    World size 1 runs the model inside the replica: no group needed."""
+    """Bundle 0: the replica (engine, step loop, HTTP/gRPC adapters); then one per worker rank, each
+    with a GPU on CUDA. World size 1 runs the model inside the replica (which then reserves the GPU
+    itself, see replica_actor_options): no group needed."""
     if args.world_size == 1:
         return None
-    worker = {"CPU": 1.0, "GPU": 1.0} if args.device.startswith("cuda") else {"CPU": 1.0}
+    worker = {"CPU": 1.0, "GPU": 1.0} if resolve_serve_device(args.device) == "cuda" else {"CPU": 1.0}
     return [{"CPU": 1.0}] + [dict(worker) for _ in range(args.world_size)]
+
+
+def replica_actor_options(args: ServeAppArgs) -> dict[str, float]:
+    """The replica actor's own resources: a GPU when it hosts the model itself (world size 1 on CUDA)."""
+    gpu = args.world_size == 1 and resolve_serve_device(args.device) == "cuda"
+    return {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
 
 
 class _ServeGrpcContext:
@@ -195,7 +219,8 @@ class DistInferDeployment:
 def app_builder(args: dict[str, Any]) -> Application:
     """`import_path: distinfer.serving.ray_serve:app_builder`; `args` are ServeAppArgs."""
     parsed = ServeAppArgs.model_validate(args or {})
-    options: dict[str, Any] = {}
+    parsed = parsed.model_copy(update={"device": resolve_serve_device(parsed.device)})
+    options: dict[str, Any] = {"ray_actor_options": replica_actor_options(parsed)}
     bundles = placement_bundles(parsed)
     if bundles is not None:
         options["placement_group_bundles"] = bundles

@@ -62,6 +62,10 @@ class StepInputs:
     block_tables: list[list[int]]
     sample_rows: list[int]  # batch indices of requests that sample this step
 
+    @property
+    def is_pure_decode(self) -> bool:
+        return len(self.input_ids) == len(self.req_ids)
+
 
 class InputBatch:
     """All request states of one worker."""

@@ -1,6 +1,7 @@
 """ModelRunner: turns a SchedulerOutput diff into tensors, runs the model, samples."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -9,10 +10,12 @@ import torch
 
 from distinfer.config import DistInferConfig
 from distinfer.distributed.comm import pp_recv, pp_send, take_collective_seconds
-from distinfer.distributed.parallel_state import get_pp_group, get_tp_rank
+from distinfer.distributed.parallel_state import get_pp_group, get_tp_group, get_tp_rank
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
-from distinfer.model.attention.paged import AttentionMetadata
+from distinfer.model.attention.paged import AttentionMetadata, resolve_attention_backend
 from distinfer.model.loader import load_hf_config, load_model
+from distinfer.worker.cuda_graphs import DecodeGraphs, DecodeRows
+from distinfer.worker.gpu_memory import kv_cache_budget, profile_batch
 from distinfer.worker.input_batch import InputBatch, StepInputs
 from distinfer.worker.sampler import Sampler
 
@@ -43,22 +46,72 @@ class ModelRunner:
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
         self.samples = self.is_last_stage and get_tp_rank() == 0  # the rank whose output is returned
+        self.max_model_len = config.model.max_model_len or self.hf_config.max_position_embeddings
+        self.graphs: DecodeGraphs | None = None
 
     def load_model(self) -> None:
         started = time.perf_counter()
-        self.model = load_model(self.config.model, self.hf_config)
-        logger.info("model loaded in %.1f s", time.perf_counter() - started)
+        self.model = load_model(self.config.model, self.hf_config, self.device)
+        logger.info("model loaded on %s (%s) in %.1f s", self.device, self.config.model.torch_dtype,
+                    time.perf_counter() - started)
 
     def determine_num_blocks(self) -> int:
-        """KV blocks this rank can hold: the explicit count, else the byte budget / bytes per block."""
-        if self.config.cache.num_kv_blocks is not None:
-            return self.config.cache.num_kv_blocks
+        """KV blocks this rank can hold: the explicit count, else the budget (CUDA: what gpu_memory_utilization
+        leaves after a profiling forward; CPU: kv_cache_bytes) / bytes per block."""
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
         per_block = self.model.kv_cache_bytes_per_block(self.block_size)
-        return max(1, self.config.cache.kv_cache_bytes // per_block)
+        if self.device.type == "cuda":
+            budget = kv_cache_budget(self.device, cache.gpu_memory_utilization, self._profile_run)
+        else:
+            budget = cache.kv_cache_bytes
+        return max(1, budget // per_block)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """A forward of the largest step the scheduler can form (on scratch KV blocks) and its logits."""
+        sched = self.config.scheduler
+        batch = profile_batch(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_model_len, self.block_size)
+        caches = self.model.make_kv_caches(batch.num_blocks, self.block_size, self.device)
+        md = AttentionMetadata.build(batch.query_lens, batch.query_lens, batch.block_tables, self.block_size, self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in batch.query_lens])
+        hidden = self._forward_stage(torch.zeros_like(positions), positions, md, caches)
+        if hidden is not None:
+            self.model.compute_logits(hidden[: len(batch.query_lens)]).softmax(dim=-1)
+        del caches
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = self.model.make_kv_caches(num_blocks, self.block_size, self.device)
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
+        per_block = self.model.kv_cache_bytes_per_block(self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * per_block / (1 << 30))
+        if self._graphs_usable():
+            sched = self.config.scheduler
+            self.graphs = DecodeGraphs(self._decode_forward, self.block_size, sched.max_num_seqs,
+                                       self.max_model_len, self.device)
+            self.graphs.capture()
+
+    def _graphs_usable(self) -> bool:
+        """CUDA graphs for decode: on CUDA, unless enforce_eager, with the Triton backend (its kernels read
+        only tensors), one pipeline stage, and NCCL (capturable) collectives when tensor parallel."""
+        model_config = self.config.model
+        if self.device.type != "cuda" or model_config.enforce_eager:
+            return False
+        reasons = []
+        if resolve_attention_backend(model_config.attention_backend, self.device) != "triton":
+            reasons.append("the attention backend is not triton")
+        if self.config.parallel.pipeline_parallel_size > 1:
+            reasons.append("pipeline parallel")
+        tp = get_tp_group()
+        if tp.world_size > 1 and torch.distributed.get_backend(tp.group) != "nccl":
+            reasons.append("tensor-parallel collectives are not NCCL")
+        if reasons:
+            logger.info("decode runs eagerly (no CUDA graphs): %s", "; ".join(reasons))
+        return not reasons
+
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, md)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -67,23 +120,36 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         t0 = time.perf_counter()
         inputs = self.batch.prepare(scheduler_output)
-        input_ids, positions, attn_metadata = self._to_tensors(inputs)
+        graphed = self.graphs is not None and inputs.is_pure_decode and len(inputs.req_ids) <= self.graphs.max_rows
+        if not graphed:
+            input_ids, positions, attn_metadata = self._to_tensors(inputs)
         t1 = time.perf_counter()
         take_collective_seconds()
-        hidden = self._forward_stage(input_ids, positions, attn_metadata)
+        if graphed:
+            hidden = self.graphs.run(self._decode_rows(inputs))
+        else:
+            hidden = self._forward_stage(input_ids, positions, attn_metadata, self.kv_caches)
         t2 = time.perf_counter()
         output = self._sample(inputs, hidden) if self.is_last_stage else self._empty_output(inputs)
         self.timings = StepTimings(t1 - t0, t2 - t1, time.perf_counter() - t2, take_collective_seconds())
         return output
 
-    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata):
+    def _decode_rows(self, inputs: StepInputs) -> DecodeRows:
+        """A pure-decode step's rows for the graph buffers: each row's KV slot and its blocks in use."""
+        bs = self.block_size
+        tables = [table[: -(-n // bs)] for table, n in zip(inputs.block_tables, inputs.seq_lens)]
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, inputs.positions)]
+        return DecodeRows(inputs.input_ids, inputs.positions, slots, inputs.seq_lens, tables)
+
+    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                       kv_caches: list[torch.Tensor]):
         """This pipeline stage's layers: receive the previous stage's tensors, send ours on."""
         intermediate = None
         if not self.is_first_stage:
             shape = (input_ids.shape[0], self.hf_config.hidden_size)
             dtype = self.config.model.torch_dtype
             intermediate = {name: pp_recv(shape, dtype, self.device) for name in ("hidden_states", "residual")}
-        result = self.model(input_ids, positions, self.kv_caches, attn_metadata, intermediate)
+        result = self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
         if not self.is_last_stage:
             for name in ("hidden_states", "residual"):
                 pp_send(result[name])
@@ -98,6 +164,14 @@ class ModelRunner:
         )
         return input_ids, positions, attn_metadata
 
+    def _last_hidden(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden state of each sampling row's last token (one index copy; none for a decode batch)."""
+        if inputs.is_pure_decode and len(inputs.sample_rows) == len(inputs.req_ids):
+            return hidden
+        ends = list(itertools.accumulate(inputs.query_lens))
+        index = torch.tensor([ends[i] - 1 for i in inputs.sample_rows]).to(self.device, non_blocking=True)
+        return hidden.index_select(0, index)
+
     @staticmethod
     def _empty_output(inputs: StepInputs) -> ModelRunnerOutput:
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=[[] for _ in inputs.req_ids])
@@ -107,9 +181,7 @@ class ModelRunner:
         output rank samples, since workers learn tokens from the scheduler, not from themselves."""
         if not inputs.sample_rows:
             return self._empty_output(inputs)
-        ends = torch.tensor(inputs.query_lens, device=self.device).cumsum(0) - 1
-        last_token_index = ends[torch.tensor(inputs.sample_rows, device=self.device)]
-        logits = self.model.compute_logits(hidden[last_token_index])
+        logits = self.model.compute_logits(self._last_hidden(inputs, hidden))
         if not self.samples:
             return self._empty_output(inputs)
         rows = [self.batch.states[inputs.req_ids[i]].sampling_row() for i in inputs.sample_rows]

@@ -216,8 +216,8 @@ class Sampler:
             sampled, ok = self._sample_random(random_logits, [rows[i] for i in random_rows], u[random_rows])
             token_ids_t = token_ids_t.index_copy(0, index, sampled)
             bad[index] |= ~ok
-        token_ids = token_ids_t.tolist()
-        errors = {i: NON_FINITE_LOGITS for i in torch.nonzero(bad).flatten().tolist()}
+        token_ids, bad_rows = torch.stack((token_ids_t, bad.long())).tolist()  # the step's one device->host read
+        errors = {i: NON_FINITE_LOGITS for i, is_bad in enumerate(bad_rows) if is_bad}
         return SamplerOutput(token_ids, self._logprobs(raw_logits, rows, token_ids, errors), errors)
 
     def _process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

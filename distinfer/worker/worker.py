@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -11,6 +12,18 @@ from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 from distinfer.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
+
+
+def cuda_device(device: torch.device) -> torch.device:
+    """The GPU this process uses: "cuda:N" as given, "cuda" -> the current GPU (index 0 of the GPUs this
+    process sees; under Ray, CUDA_VISIBLE_DEVICES holds the one its bundle was given)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} was asked for, but this process sees no CUDA GPU "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device cuda:{index}: this process sees {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
 
 
 class Worker:
@@ -39,7 +52,9 @@ class Worker:
 
     def init_device(self) -> None:
         if self.device.type == "cuda":
+            self.device = cuda_device(self.device)
             torch.cuda.set_device(self.device)
+            logger.info("rank %d on %s (%s)", self.rank, self.device, torch.cuda.get_device_name(self.device))
         torch.manual_seed(self.config.model.seed)
         self.runner = ModelRunner(self.config, self.device)
 

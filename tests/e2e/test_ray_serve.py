@@ -45,17 +45,27 @@ def test_app_args_are_checked():
         ServeAppArgs.model_validate({"tensor_parallel": 2})  # a typo is an error, not ignored
 
 
-@pytest.mark.parametrize("args,bundles,strategy", [
-    ({}, None, None),
-    ({"tensor_parallel_size": 3}, [{"CPU": 1.0}] * 4, "STRICT_PACK"),
-    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, [{"CPU": 1.0}] * 5, "PACK"),
-    ({"pipeline_parallel_size": 2, "device": "cuda"}, [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2, "PACK"),
+@pytest.mark.parametrize("args,bundles,strategy,replica_gpus", [
+    ({}, None, None, 0),  # "auto" on this GPU-less machine: the CPU
+    ({"device": "cuda"}, None, None, 1),  # the model runs inside the replica: it reserves the GPU
+    ({"tensor_parallel_size": 3}, [{"CPU": 1.0}] * 4, "STRICT_PACK", 0),
+    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, [{"CPU": 1.0}] * 5, "PACK", 0),
+    ({"pipeline_parallel_size": 2, "device": "cuda"}, [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2, "PACK", 0),
+    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cuda"},
+     [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4, "PACK", 0),
 ])
-def test_placement_group_bundles_sized_for_workers(args, bundles, strategy):
+def test_placement_group_bundles_sized_for_workers(args, bundles, strategy, replica_gpus):
     assert placement_bundles(ServeAppArgs.model_validate(args)) == bundles
     replica = app_builder(args)._bound_deployment._replica_config
     assert replica.placement_group_bundles == bundles
     assert replica.placement_group_strategy == strategy
+    assert replica.ray_actor_options.get("num_gpus", 0) == replica_gpus
+
+
+def test_serve_device_is_resolved_once_and_checked():
+    assert app_builder({})._bound_deployment.init_args[0]["device"] == "cpu"  # no GPU here
+    with pytest.raises(ValueError, match="device"):
+        ServeAppArgs.model_validate({"device": "cuda:1"})  # Ray picks each rank's GPU
 
 
 @pytest.mark.slow

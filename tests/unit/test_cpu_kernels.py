@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distinfer.model.attention.paged import AttentionMetadata, TorchSDPABackend, get_attention_backend, make_kv_cache
+from distinfer.model.attention.paged import (AttentionMetadata, TorchSDPABackend, get_attention_backend, make_kv_cache,
+                                            resolve_attention_backend)
 from distinfer.model.kernels import cpu
 from distinfer.model.layers.activation import GatedActivation
 from distinfer.model.layers.rotary import RotaryEmbedding
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DISTINFER_CPU_KERNELS") == "0", 
 
 def test_kernels_build_and_are_the_default_backend():
     assert cpu.load() is not None, "a C compiler is on this machine, so the kernels must build"
-    assert get_attention_backend().name == "cpu_paged"
+    assert resolve_attention_backend("auto", "cpu") == "cpu_paged"
     assert cpu.enabled_for(torch.ones(1)) and cpu.enabled_for(torch.ones(1, dtype=torch.bfloat16))
     assert not cpu.enabled_for(torch.ones(1, dtype=torch.float16))
     assert not cpu.enabled_for(torch.ones(1), torch.ones(1, dtype=torch.bfloat16))  # mixed dtypes

@@ -10,6 +10,7 @@ from distinfer.model.attention import paged
 from distinfer.model.attention.paged import (
     AttentionMetadata,
     get_attention_backend,
+    resolve_attention_backend,
     make_kv_cache,
     write_kv,
 )
@@ -126,3 +127,17 @@ def test_pure_decode_and_single_prefill_paths(name):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
         get_attention_backend("flash")
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
+        resolve_attention_backend("flash", "cpu")
+
+
+def test_backend_resolution_by_device(monkeypatch):
+    assert resolve_attention_backend("auto", "cuda") in ("triton", "torch_sdpa")
+    assert resolve_attention_backend("torch_sdpa", "cuda:1") == "torch_sdpa"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_attention_backend("cpu_paged", "cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_attention_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_attention_backend("triton", "cpu") == "triton"

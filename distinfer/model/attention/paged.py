@@ -17,6 +17,8 @@ then only writes its new K/V into the slots and runs SDPA:
 from __future__ import annotations
 
 import abc
+import importlib.util
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +61,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0 (for other backends)
     seq_lens_tensor: torch.Tensor  # [B] int32
     query_start_loc: torch.Tensor  # [B + 1] int32
+    max_query_len: int = 1  # bounds for kernel grids; a CUDA graph's metadata holds its capture bounds
+    max_seq_len: int = 1
     # decode rows (query_len == 1)
     num_decodes: int = 0
     decode_rows: slice | torch.Tensor | None = None  # token rows: a slice when contiguous
@@ -88,7 +92,8 @@ class AttentionMetadata:
         md = cls(num_tokens=num_tokens, block_size=block_size, query_lens=list(query_lens),
                  seq_lens=list(seq_lens), slot_mapping=slots.to(device), block_tables=tables.to(device),
                  seq_lens_tensor=s.to(device=device, dtype=torch.int32),
-                 query_start_loc=qsl.to(device=device, dtype=torch.int32), device=device)
+                 query_start_loc=qsl.to(device=device, dtype=torch.int32), device=device,
+                 max_query_len=max(query_lens, default=1), max_seq_len=max(seq_lens, default=1))
         md._build_decodes(qsl.tolist(), tables, nblocks, device)
         md._build_prefills(qsl.tolist(), tables, nblocks, device)
         return md
@@ -259,21 +264,41 @@ class TorchSDPABackend(AttentionBackend):
         return out[0].transpose(0, 1)
 
 
-_BACKENDS = ("auto", "torch_sdpa", "cpu_paged")
+def resolve_attention_backend(name: str, device: torch.device | str) -> str:
+    """The concrete backend for `name` on `device`. "auto": triton on CUDA (torch_sdpa when Triton is not
+    installed), on the CPU the fused C kernels where they compile, else torch_sdpa."""
+    from distinfer.config import ATTENTION_BACKENDS
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if on_cuda:
+            return "triton" if importlib.util.find_spec("triton") is not None else "torch_sdpa"
+        from distinfer.model.kernels import cpu
+
+        return "cpu_paged" if cpu.load() is not None else "torch_sdpa"
+    if name == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, which runs "
+                         "its kernels interpreted on the CPU, for tests)")
+    if name == "cpu_paged" and on_cuda:
+        raise ValueError("the cpu_paged attention backend runs on the CPU only; use triton or torch_sdpa on CUDA")
+    return name
 
 
-def get_attention_backend(name: str = "auto") -> AttentionBackend:
-    """"auto": the fused CPU kernels where they are available (they fall back per call to plain
-    torch for tensors they do not take), else plain torch SDPA."""
-    if name not in _BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
-    from distinfer.model.kernels import cpu
+def get_attention_backend(name: str) -> AttentionBackend:
+    """A backend instance by concrete name (see resolve_attention_backend)."""
+    if name == "triton":
+        from distinfer.model.attention.triton import TritonBackend
 
-    if name == "cpu_paged" or (name == "auto" and cpu.load() is not None):
+        return TritonBackend()
+    if name == "cpu_paged":
         from distinfer.model.attention.cpu_paged import CPUPagedBackend
 
         return CPUPagedBackend()
-    return TorchSDPABackend()
+    if name == "torch_sdpa":
+        return TorchSDPABackend()
+    raise ValueError(f"Unknown attention backend {name!r}; resolve 'auto' with resolve_attention_backend first")
 
 
 def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
