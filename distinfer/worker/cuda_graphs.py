@@ -88,6 +88,7 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps_run = 0  # decode steps served (a replay each when use_graphs)
 
     @property
     def max_rows(self) -> int:
@@ -128,6 +129,7 @@ class DecodeGraphs:
         n = len(rows.token_ids)
         size = self.padded_size(n)
         self.inputs.fill(rows, size)
+        self.steps_run += 1
         if self.use_graphs:
             graph, out = self.graphs[size]
             graph.replay()

@@ -42,9 +42,9 @@ def token_ids(llm: LLM, prompts: list[str], params: SamplingParams | list[Sampli
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir) -> str:
-    """A random Llama saved as safetensors with the default model's tokenizer."""
-    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-cuda")), default_model_dir, **TINY)
+def tiny_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """A random Llama saved as safetensors with the default model's tokenizer (the carried copy on the GPU machine)."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-cuda")), tokenizer_dir, **TINY)
 
 
 @pytest.fixture(scope="module")
