@@ -68,7 +68,6 @@ class AttentionMetadata:
     decode_rows: slice | torch.Tensor | None = None  # token rows: a slice when contiguous
     decode_seq_lens: list[int] = field(default_factory=list)
     decode_tables: torch.Tensor | None = None  # [num_decodes, max blocks] on the CPU
-    prefills: list[PrefillSeq] = field(default_factory=list)
     device: torch.device | str = "cpu"
     _cache: dict = field(default_factory=dict, repr=False)  # per-step derived tensors, shared by layers
 
@@ -95,7 +94,7 @@ class AttentionMetadata:
                  query_start_loc=qsl.to(device=device, dtype=torch.int32), device=device,
                  max_query_len=max(query_lens, default=1), max_seq_len=max(seq_lens, default=1))
         md._build_decodes(qsl.tolist(), tables, nblocks, device)
-        md._build_prefills(qsl.tolist(), tables, nblocks, device)
+        md._cache["prefill_inputs"] = (qsl.tolist(), tables, nblocks)  # prefills are built on first use
         return md
 
     def _build_decodes(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int], device) -> None:
@@ -127,16 +126,26 @@ class AttentionMetadata:
             mask = _additive(valid).view(end - start, 1, 1, kv_len).to(self.device)
         return DecodeChunk(start, end, block_ids.to(self.device), kv_len, mask)
 
-    def _build_prefills(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int], device) -> None:
+    @property
+    def prefills(self) -> list[PrefillSeq]:
+        """Rows computing more than one token, with the gathered-context masks the torch backends use; built
+        on first use, once per step (the Triton backend never asks: it reads only the metadata tensors)."""
+        if "prefills" not in self._cache:
+            self._cache["prefills"] = self._build_prefills(*self._cache.get("prefill_inputs", ([], None, [])))
+        return self._cache["prefills"]
+
+    def _build_prefills(self, qsl: list[int], tables: torch.Tensor, nblocks: list[int]) -> list[PrefillSeq]:
+        prefills = []
         for i, (q, s) in enumerate(zip(self.query_lens, self.seq_lens)):
             if q == 1:
                 continue
             block_ids = mask = None
             if s > q:  # cached prefix: attend over the gathered context with a shifted causal mask
-                block_ids = tables[i, : nblocks[i]].to(device)
+                block_ids = tables[i, : nblocks[i]].to(self.device)
                 valid = torch.ones(q, s, dtype=torch.bool).tril(diagonal=s - q)
-                mask = _additive(valid).to(device)
-            self.prefills.append(PrefillSeq(qsl[i], qsl[i + 1], s, block_ids, mask))
+                mask = _additive(valid).to(self.device)
+            prefills.append(PrefillSeq(qsl[i], qsl[i + 1], s, block_ids, mask))
+        return prefills
 
     def mask_as(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`mask` converted to the query dtype, converted once per step and reused by every layer."""
