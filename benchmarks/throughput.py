@@ -12,28 +12,17 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hf_reference_model, measure_memory_bandwidth  # noqa: E402
+from common import Workload, hf_reference_model, measure_memory_bandwidth  # noqa: E402
 
 from distinfer import LLM, SamplingParams  # noqa: E402
 
 logger = logging.getLogger("benchmarks.throughput")
-
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
 
 
 def sharegpt_like(num: int, vocab_size: int, seed: int, max_prompt: int, max_output: int) -> Workload:

@@ -3,13 +3,16 @@ fraction of engine steps (torch.profiler), seeded workloads, and the benchmark m
 from __future__ import annotations
 
 import shutil
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers
+from common import Workload  # noqa: E402
 
 _WINDOW = "distinfer_bench_window"
 
@@ -37,25 +40,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
     del src, dst
     return 2 * nbytes / best
 
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(map(len, self.prompts))
-
-    def describe(self) -> dict:
-        lens = [len(p) for p in self.prompts]
-        return {"requests": len(self.prompts), "prompt_tokens": self.num_prompt_tokens,
-                "output_tokens": self.num_output_tokens, "prompt_len_min_max": [min(lens), max(lens)],
-                "output_len_min_max": [min(self.output_lens), max(self.output_lens)]}
 
 
 def random_prompts(rng: np.random.Generator, lengths: list[int], vocab: int) -> list[list[int]]:
