@@ -23,6 +23,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="CUDA: fraction of the GPU's memory for weights, activations and KV blocks")
     parser.add_argument("--kv-cache-bytes", type=int, default=2 << 30, help="CPU: bytes of KV blocks")
+    parser.add_argument("--kv-offloading-size", type=float, default=0.0,
+                        help="GiB of host DRAM for a second KV tier (preempted requests swap there); 0 = none")
+    parser.add_argument("--preemption-mode", default="auto",
+                        help="auto (swap when there is a host KV tier, else recompute), swap or recompute")
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -49,6 +53,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_bytes=args.kv_cache_bytes,
+        kv_offloading_size=args.kv_offloading_size,
+        preemption_mode=args.preemption_mode,
         load_format=args.load_format,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

@@ -28,6 +28,12 @@ class SchedulingPolicy(str, enum.Enum):
     PRIORITY = "priority"
 
 
+class PreemptionMode(str, enum.Enum):
+    AUTO = "auto"  # swap when there is a host KV tier, else recompute
+    SWAP = "swap"  # copy the victim's blocks to the host tier (recompute when it is full)
+    RECOMPUTE = "recompute"  # free the blocks and compute the tokens again on resume
+
+
 ATTENTION_BACKENDS = ("auto", "triton", "torch_sdpa", "cpu_paged")
 
 
@@ -95,6 +101,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # CUDA: the fraction of the GPU's memory this process may use (weights, activations, KV blocks)
     gpu_memory_utilization: float = 0.9
+    # GiB of host DRAM per instance for a second KV tier (split over the ranks); 0 = none. Preempted
+    # requests swap their blocks there (see SchedulerConfig.preemption_mode).
+    kv_offloading_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -103,6 +112,8 @@ class CacheConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if not 0.0 <= self.kv_offloading_size < 1 << 20:
+            raise ValueError(f"kv_offloading_size must be >= 0 GiB, got {self.kv_offloading_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -116,6 +127,7 @@ class SchedulerConfig:
     # A step (schedule, forward on every rank, sample) running longer than this means a hung forward or
     # collective: the engine is marked dead, its requests fail, and `distinfer serve` exits.
     step_timeout_s: float = 120.0
+    preemption_mode: PreemptionMode | str = PreemptionMode.AUTO
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -130,6 +142,11 @@ class SchedulerConfig:
             self.policy = SchedulingPolicy(self.policy)
         except ValueError:
             raise ValueError(f"policy must be one of {[p.value for p in SchedulingPolicy]}, got {self.policy!r}") from None
+        try:
+            self.preemption_mode = PreemptionMode(self.preemption_mode)
+        except ValueError:
+            raise ValueError(f"preemption_mode must be one of {[m.value for m in PreemptionMode]}, "
+                             f"got {self.preemption_mode!r}") from None
 
 
 @dataclass

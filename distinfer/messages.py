@@ -32,6 +32,20 @@ class EngineRequest:
 # ---------------------------------------------------------------- scheduler -> workers
 
 
+class KVCopyDirection(str, enum.Enum):
+    SWAP_OUT = "swap_out"  # device -> host
+    SWAP_IN = "swap_in"  # host -> device
+
+
+@dataclass
+class KVBlockCopy:
+    """Copy whole KV blocks between the device cache and the host tier, on every rank (its own layers)."""
+
+    direction: KVCopyDirection
+    device_block_ids: list[int]
+    host_block_ids: list[int]  # same length; pairs (device_block_ids[i], host_block_ids[i])
+
+
 @dataclass
 class NewRequestData:
     """First time the workers see a request: everything needed to build its state."""
@@ -64,10 +78,17 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop these states
     preempted_req_ids: set[str] = field(default_factory=set)  # blocks freed; state kept
+    kv_ops: list[KVBlockCopy] = field(default_factory=list)  # run in order, before the forward
 
     @property
     def is_empty(self) -> bool:
+        """No tokens scheduled (there may still be kv_ops; see has_work)."""
         return self.total_num_scheduled_tokens == 0
+
+    @property
+    def has_work(self) -> bool:
+        """Something for the workers to do: tokens to compute or KV blocks to copy."""
+        return self.total_num_scheduled_tokens > 0 or bool(self.kv_ops)
 
 
 # ---------------------------------------------------------------- workers -> scheduler

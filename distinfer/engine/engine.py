@@ -66,14 +66,26 @@ class LLMEngine:
         try:
             num_blocks = self.executor.determine_num_blocks()
             self.executor.initialize_kv_cache(num_blocks)
+            num_host_blocks = self._init_host_tier()
             self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
-                                       self.executor.max_concurrent_batches)
+                                       self.executor.max_concurrent_batches, num_host_blocks)
         except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
             self.executor.shutdown()
             raise
         self.last_step = StepStats()
         self._in_flight: deque[tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]]] = deque()
         logger.info("engine ready: %d KV blocks, max_model_len %d", num_blocks, self.max_model_len)
+
+    def _init_host_tier(self) -> int:
+        """Host KV blocks every rank holds (the least any rank can; 0 when kv_offloading_size is 0)."""
+        nbytes = int(self.config.cache.kv_offloading_size * (1 << 30))
+        if nbytes <= 0:
+            return 0
+        num_host_blocks = min(self.executor.collective_rpc("determine_num_host_blocks", nbytes))
+        self.executor.collective_rpc("initialize_host_cache", num_host_blocks)
+        logger.info("host KV tier: %d blocks (%.2f GiB over %d rank(s))", num_host_blocks,
+                    self.config.cache.kv_offloading_size, self.config.parallel.world_size)
+        return num_host_blocks
 
     # ------------------------------------------------------------ requests
 
@@ -141,8 +153,8 @@ class LLMEngine:
     def _fill_pipeline(self) -> None:
         while len(self._in_flight) < self.executor.max_concurrent_batches:
             scheduler_output = self.scheduler.schedule()
-            if self._in_flight and scheduler_output.is_empty and not scheduler_output.finished_req_ids:
-                return  # nothing new to start; the workers need no empty step
+            if self._in_flight and not scheduler_output.has_work and not scheduler_output.finished_req_ids:
+                return  # nothing new to start; the workers need no empty step (KV copies are work)
             self._in_flight.append((scheduler_output, self.executor.submit(scheduler_output)))
             if scheduler_output.is_empty:
                 return

@@ -9,8 +9,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from distinfer.config import SchedulingPolicy
+from distinfer.config import PreemptionMode, SchedulingPolicy
 from distinfer.engine.request import Request
+from distinfer.kv.offload import HostSwapSpace
 
 
 class SchedulingPolicyBase(ABC):
@@ -90,3 +91,39 @@ def make_policy(name: SchedulingPolicy | str) -> SchedulingPolicyBase:
 
 register_policy(FCFSPolicy)
 register_policy(PriorityPolicy)
+
+
+class PreemptionPolicy(ABC):
+    """How a preempted request gives back its device blocks: swapped to the host tier (its progress
+    kept) or freed (its tokens computed again when it resumes)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
+        """Whether to swap out a victim holding `num_blocks` computed blocks."""
+
+
+class RecomputePreemption(PreemptionPolicy):
+    name = PreemptionMode.RECOMPUTE.value
+
+    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
+        return False
+
+
+class SwapPreemption(PreemptionPolicy):
+    """Swap whenever the host tier has room; recompute otherwise (and for a victim with nothing computed)."""
+
+    name = PreemptionMode.SWAP.value
+
+    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
+        return host is not None and host.can_hold(num_blocks)
+
+
+def make_preemption_policy(mode: PreemptionMode | str, has_host_tier: bool) -> PreemptionPolicy:
+    mode = PreemptionMode(mode)
+    if mode == PreemptionMode.AUTO:
+        mode = PreemptionMode.SWAP if has_host_tier else PreemptionMode.RECOMPUTE
+    if mode == PreemptionMode.SWAP and not has_host_tier:
+        raise ValueError("preemption_mode='swap' needs a host KV tier: set kv_offloading_size > 0")
+    return SwapPreemption() if mode == PreemptionMode.SWAP else RecomputePreemption()

@@ -2,7 +2,9 @@
 
 Each step, running requests go first (in order), then waiting ones in policy order. A request
 gets min(tokens it has not computed, remaining budget) tokens, so long prompts are chunked.
-When blocks run out a running request is preempted (recompute: blocks freed, progress reset).
+When blocks run out a running request is preempted: swapped out to the host KV tier (its blocks copied
+there, progress kept) when the preemption policy says so and the tier has room, else recomputed (blocks
+freed, progress reset). Block copies ride in SchedulerOutput.kv_ops and run before the step's forward.
 The output is a diff against what the workers already hold (see messages.SchedulerOutput).
 
 Invariants:
@@ -21,12 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distinfer.config import CacheConfig, SchedulerConfig
-from distinfer.engine.policies import make_policy
+from distinfer.engine.policies import make_policy, make_preemption_policy
 from distinfer.engine.request import Request, RequestStatus
 from distinfer.errors import QueueFullError
 from distinfer.kv.manager import KVCacheManager
+from distinfer.kv.offload import HostSwapSpace
 from distinfer.messages import (
     CachedRequestData,
+    KVBlockCopy,
     EngineCoreOutput,
     EngineStats,
     FinishReason,
@@ -48,6 +52,7 @@ class _StepState:
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     resumed: set[str] = field(default_factory=set)
     preempted: set[str] = field(default_factory=set)
+    kv_ops: list[KVBlockCopy] = field(default_factory=list)  # in the order the workers must run them
 
     def record(self, request_id: str, num_tokens: int, new_block_ids: list[int]) -> None:
         self.num_scheduled[request_id] = num_tokens
@@ -63,7 +68,8 @@ class _StepState:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1) -> None:
+                 num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1,
+                 num_host_blocks: int = 0) -> None:
         self.config = scheduler_config
         # Pipeline parallel keeps this many steps in flight; each then takes its share of the running
         # requests, so that in steady decoding every stage has a batch instead of one batch and idle stages.
@@ -73,12 +79,15 @@ class Scheduler:
         self.policy = make_policy(scheduler_config.policy)
         self.kv = KVCacheManager(num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching, max_model_len)
+        self.host = HostSwapSpace(num_host_blocks) if num_host_blocks > 0 else None
+        self.preemption = make_preemption_policy(scheduler_config.preemption_mode, self.host is not None)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: list[Request] = []  # WAITING and PREEMPTED, in policy order
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()  # to report in the next SchedulerOutput
         self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # computed tokens given up by recompute preemptions
 
     # ------------------------------------------------------------------ queue
 
@@ -195,14 +204,18 @@ class Scheduler:
     def _admit(self, request: Request, step: _StepState) -> bool:
         """Move a waiting request to running with its first chunk scheduled; False (nothing
         changed) when its blocks cannot be found."""
-        num_hit = self.kv.get_computed_blocks(request.request_id, request.all_token_ids)
+        swapped = self.host is not None and self.host.holds(request.request_id)
+        num_hit = request.num_computed_tokens if swapped else self.kv.get_computed_blocks(request.request_id,
+                                                                                          request.all_token_ids)
         request.num_computed_tokens = num_hit
         num_new = self._num_new_tokens(request, step.budget)
         while (new_block_ids := self.kv.allocate_slots(request.request_id, num_hit + num_new)) is None:
             if not self._preempt_for(request, step):
                 self.kv.free(request.request_id)
-                request.num_computed_tokens = 0
+                request.num_computed_tokens = num_hit if swapped else 0
                 return False
+        if swapped:  # its computed blocks come back from the host into the first of its new blocks
+            step.kv_ops.append(self.host.swap_in(request.request_id, new_block_ids))
         self.waiting.remove(request)
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.time()
@@ -237,11 +250,18 @@ class Scheduler:
         return self.policy.pick_victim(candidates) if candidates else None
 
     def _preempt(self, victim: Request, step: _StepState) -> None:
-        """Recompute preemption: free the blocks, reset progress, back to the waiting front."""
+        """Free the victim's device blocks, back to the waiting front: swapped out (the copy to the host
+        runs before this step's forward, so a block reused in this step is read first; progress kept)
+        or recomputed (progress reset)."""
         self.running.remove(victim)
+        computed_blocks = self.kv.get_block_ids(victim.request_id)[:-(-victim.num_computed_tokens // self.block_size)]
+        if computed_blocks and self.preemption.should_swap(len(computed_blocks), self.host):
+            step.kv_ops.append(self.host.swap_out(victim.request_id, computed_blocks))
+        else:
+            self.num_recomputed_tokens += victim.num_computed_tokens
+            victim.num_computed_tokens = 0
         self.kv.free(victim.request_id)
         victim.status = RequestStatus.PREEMPTED
-        victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
         step.unrecord(victim.request_id)
@@ -275,6 +295,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(step.num_scheduled.values()),
             finished_req_ids=finished,
             preempted_req_ids=preempted,
+            kv_ops=step.kv_ops,
         )
 
     # ------------------------------------------------------------------ update
@@ -357,5 +378,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request.request_id, uncache=request.status == RequestStatus.FINISHED_ERROR)
+        if self.host is not None:
+            self.host.free(request.request_id)
         del self.requests[request.request_id]
         self._finished_req_ids.add(request.request_id)

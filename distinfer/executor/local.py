@@ -1,6 +1,8 @@
 """LocalExecutor: the single-device path, one Worker in this process, no Ray."""
 from __future__ import annotations
 
+from typing import Any
+
 from distinfer.config import DistInferConfig
 from distinfer.executor.base import Executor
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
@@ -31,6 +33,10 @@ class LocalExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """In-process: `timeout` does not apply."""
+        return [getattr(self.worker, method)(*args)]
 
     def last_step_timings(self) -> StepTimings:
         return self.worker.last_step_timings()

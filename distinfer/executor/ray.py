@@ -224,6 +224,10 @@ class RayExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call_all("initialize_kv_cache", num_blocks, timeout=INIT_TIMEOUT_S)
 
+    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """`timeout` defaults to step_timeout_s, like a step."""
+        return self._call_all("execute_method", method, *args, timeout=timeout)
+
     @property
     def max_concurrent_batches(self) -> int:
         return self.config.parallel.pipeline_parallel_size

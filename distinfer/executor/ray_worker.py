@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 import torch
 
@@ -56,6 +57,10 @@ class RayWorker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> tuple[ModelRunnerOutput | None, StepTimings]:
         output = self.worker.execute_model(scheduler_output)
         return output, self.worker.last_step_timings()
+
+    def execute_method(self, method: str, *args: Any) -> Any:
+        """Executor.collective_rpc: any Worker method, by name."""
+        return getattr(self.worker, method)(*args)
 
     def ping(self) -> bool:
         return True

@@ -11,12 +11,13 @@ import torch
 from distinfer.config import DistInferConfig
 from distinfer.distributed.comm import pp_recv, pp_send, take_collective_seconds
 from distinfer.distributed.parallel_state import get_pp_group, get_tp_group, get_tp_rank
-from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+from distinfer.messages import KVBlockCopy, ModelRunnerOutput, SchedulerOutput
 from distinfer.model.attention.paged import AttentionMetadata, resolve_attention_backend
 from distinfer.model.loader import load_hf_config, load_model
 from distinfer.worker.cuda_graphs import DecodeGraphs, DecodeRows
 from distinfer.worker.gpu_memory import kv_cache_budget, profile_batch
 from distinfer.worker.input_batch import InputBatch, StepInputs
+from distinfer.worker.kv_offload import HostKVCache
 from distinfer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelRunner:
         self.hf_config = load_hf_config(config.model)
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.host_cache: HostKVCache | None = None  # the KV host tier, when kv_offloading_size > 0
         self.batch = InputBatch()
         self.sampler = Sampler(seed=config.model.seed)
         self.timings = StepTimings()
@@ -92,6 +94,24 @@ class ModelRunner:
                                        self.max_model_len, self.device)
             self.graphs.capture()
 
+    def determine_num_host_blocks(self, kv_offloading_bytes: int) -> int:
+        """Host KV blocks for this rank: its share of the instance's bytes / this rank's bytes per block."""
+        per_block = self.model.kv_cache_bytes_per_block(self.block_size)
+        return kv_offloading_bytes // self.config.parallel.world_size // per_block
+
+    def initialize_host_cache(self, num_host_blocks: int) -> None:
+        """The host tier, shaped like the device cache (so after initialize_kv_cache); 0 blocks: none."""
+        if not self.kv_caches:
+            raise RuntimeError("initialize_host_cache needs the device KV cache (initialize_kv_cache) first")
+        self.host_cache = None
+        if num_host_blocks > 0:
+            self.host_cache = HostKVCache.like(self.kv_caches, num_host_blocks, pin=self.device.type == "cuda")
+
+    def _run_kv_ops(self, ops: list[KVBlockCopy]) -> None:
+        if self.host_cache is None:
+            raise RuntimeError(f"the step has {len(ops)} KV copies but this rank has no host KV cache")
+        self.host_cache.run(ops, self.kv_caches)
+
     def _graphs_usable(self) -> bool:
         """CUDA graphs for decode: on CUDA, unless enforce_eager, with the Triton backend (its kernels read
         only tensors), one pipeline stage, and NCCL (capturable) collectives when tensor parallel."""
@@ -115,10 +135,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.batch.update(scheduler_output)
-        if scheduler_output.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         t0 = time.perf_counter()
+        self.batch.update(scheduler_output)
+        if scheduler_output.kv_ops:  # swaps first: the forward reads swapped-in blocks
+            self._run_kv_ops(scheduler_output.kv_ops)
+        if scheduler_output.is_empty:
+            self.timings = StepTimings(prepare=time.perf_counter() - t0)
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         inputs = self.batch.prepare(scheduler_output)
         graphed = self.graphs is not None and inputs.is_pure_decode and len(inputs.req_ids) <= self.graphs.max_rows
         if not graphed:

@@ -67,6 +67,12 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
+    def determine_num_host_blocks(self, kv_offloading_bytes: int) -> int:
+        return self.runner.determine_num_host_blocks(kv_offloading_bytes)
+
+    def initialize_host_cache(self, num_host_blocks: int) -> None:
+        self.runner.initialize_host_cache(num_host_blocks)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 

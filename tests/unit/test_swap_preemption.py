@@ -1,0 +1,87 @@
+"""Swap preemption in the scheduler (hand-built ModelRunnerOutputs, no model): the victim's computed
+blocks go to the host tier in a KV op of the same step and come back in the step it resumes, its
+progress kept; a full host tier falls back to recompute; finishing or aborting frees both tiers."""
+from __future__ import annotations
+
+import pytest
+
+from distinfer.config import CacheConfig, SchedulerConfig
+from distinfer.engine.request import RequestStatus
+from distinfer.engine.scheduler import Scheduler
+from distinfer.kv.offload import HostSwapSpace
+from distinfer.messages import FinishReason, KVCopyDirection
+from tests.unit.test_scheduler import BS, TOKEN, _two_running_requests, make_req, run_step
+
+
+def make_sched(num_blocks=4, num_host_blocks=8, mode="auto", max_model_len=16):
+    return Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, preemption_mode=mode),
+                     CacheConfig(block_size=BS), num_blocks, max_model_len, num_host_blocks=num_host_blocks)
+
+
+def test_victim_swaps_out_and_resumes_with_its_progress():
+    sched = make_sched()
+    _two_running_requests(sched, a={"max_tokens": 3})  # a, b: 8 tokens computed each, 2 blocks each
+    b = sched.requests["b"]
+    b_blocks = sched.kv.get_block_ids("b")
+    so, _ = run_step(sched)  # "a" needs a third block: "b" is swapped out
+    assert so.preempted_req_ids == {"b"} and so.num_scheduled_tokens == {"a": 1}
+    (op,) = so.kv_ops
+    assert op.direction == KVCopyDirection.SWAP_OUT and op.device_block_ids == b_blocks
+    assert len(op.host_block_ids) == 2 and sched.host.holds("b")
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 8  # progress kept
+    so, outs = run_step(sched)  # "a" finished; "b" comes back: swap in, then only its new token
+    (op_in,) = so.kv_ops
+    assert op_in.direction == KVCopyDirection.SWAP_IN and op_in.host_block_ids == op.host_block_ids
+    assert op_in.device_block_ids == sched.kv.get_block_ids("b")[:2]
+    (cached,) = so.scheduled_cached_reqs
+    assert cached.resumed_from_preemption and cached.num_computed_tokens == 8
+    assert so.num_scheduled_tokens == {"b": 1} and outs["b"].new_token_ids == [TOKEN]
+    assert not sched.host.holds("b") and sched.host.num_free_blocks == 8
+    assert sched.num_recomputed_tokens == 0 and sched.get_stats().num_preemptions == 1
+
+
+def test_full_host_tier_falls_back_to_recompute():
+    sched = make_sched(num_host_blocks=1)  # the victim holds 2 computed blocks
+    _two_running_requests(sched)
+    so, _ = run_step(sched)
+    assert so.preempted_req_ids == {"b"} and so.kv_ops == []
+    assert sched.requests["b"].num_computed_tokens == 0 and sched.num_recomputed_tokens == 8
+
+
+def test_recompute_mode_never_swaps():
+    sched = make_sched(mode="recompute")
+    _two_running_requests(sched)
+    so, _ = run_step(sched)
+    assert so.preempted_req_ids == {"b"} and so.kv_ops == [] and sched.host.num_free_blocks == 8
+
+
+def test_swap_mode_needs_a_host_tier():
+    with pytest.raises(ValueError, match="kv_offloading_size"):
+        make_sched(num_host_blocks=0, mode="swap")
+    assert make_sched(num_host_blocks=0).host is None  # auto without a tier: recompute
+
+
+@pytest.mark.parametrize("reason", [FinishReason.ABORT, FinishReason.ERROR])
+def test_finishing_a_swapped_request_frees_its_host_blocks(reason):
+    sched = make_sched()
+    _two_running_requests(sched)
+    so, _ = run_step(sched)  # swap-out of "b" is in this step's ops
+    assert sched.host.num_free_blocks == 6
+    sched.finish_requests("b", reason)  # aborted while (or right after) its swap-out runs
+    assert sched.host.num_free_blocks == 8 and not sched.host.holds("b")
+    so, _ = run_step(sched)
+    assert "b" in so.finished_req_ids and so.kv_ops == []
+
+
+def test_host_blocks_freed_by_a_swap_in_are_reused_only_by_later_ops():
+    space = HostSwapSpace(2)
+    out_a = space.swap_out("a", [5, 6])
+    assert not space.can_hold(1)
+    back = space.swap_in("a", [1, 2, 3])
+    assert back.device_block_ids == [1, 2] and back.host_block_ids == out_a.host_block_ids
+    out_b = space.swap_out("b", [7])  # appended after the swap-in in the step's ops: ordered after it
+    assert out_b.host_block_ids[0] in out_a.host_block_ids
+    with pytest.raises(ValueError, match="already swapped"):
+        space.swap_out("b", [8])
+    with pytest.raises(ValueError, match="cannot hold"):
+        space.swap_out("c", [1, 2])
