@@ -199,3 +199,11 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    # the host KV tier (zero without one)
+    host_kv_cache_usage: float = 0.0
+    num_host_blocks: int = 0
+    host_prefix_cache_hits: int = 0  # tokens, of prefix_cache_hits, copied back from the host tier
+    kv_bytes_to_host: int = 0  # swapped out + spilled, over every rank
+    kv_bytes_to_device: int = 0  # swapped in + host prefix hits
+    num_swapped_preemptions: int = 0  # of num_preemptions: swapped out (the rest recomputed)
+    num_recomputed_tokens: int = 0  # computed tokens given up by recompute preemptions

@@ -67,8 +67,9 @@ class LLMEngine:
             num_blocks = self.executor.determine_num_blocks()
             self.executor.initialize_kv_cache(num_blocks)
             num_host_blocks = self._init_host_tier()
+            block_bytes = sum(self.executor.collective_rpc("kv_cache_bytes_per_block"))
             self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
-                                       self.executor.max_concurrent_batches, num_host_blocks)
+                                       self.executor.max_concurrent_batches, num_host_blocks, block_bytes)
         except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
             self.executor.shutdown()
             raise
@@ -82,7 +83,7 @@ class LLMEngine:
         if nbytes <= 0:
             return 0
         num_host_blocks = min(self.executor.collective_rpc("determine_num_host_blocks", nbytes))
-        self.executor.collective_rpc("initialize_host_cache", num_host_blocks)
+        self.executor.collective_rpc("initialize_host_cache", num_host_blocks, timeout=600)
         logger.info("host KV tier: %d blocks (%.2f GiB over %d rank(s))", num_host_blocks,
                     self.config.cache.kv_offloading_size, self.config.parallel.world_size)
         return num_host_blocks

@@ -11,7 +11,6 @@ from typing import ClassVar
 
 from distinfer.config import PreemptionMode, SchedulingPolicy
 from distinfer.engine.request import Request
-from distinfer.kv.offload import HostSwapSpace
 
 
 class SchedulingPolicyBase(ABC):
@@ -94,30 +93,29 @@ register_policy(PriorityPolicy)
 
 
 class PreemptionPolicy(ABC):
-    """How a preempted request gives back its device blocks: swapped to the host tier (its progress
-    kept) or freed (its tokens computed again when it resumes)."""
+    """How a preempted request gives back its device blocks: swapped out to the host tier (progress
+    kept; the KV manager falls back to recompute when the tier has no room) or freed (its tokens
+    computed again when it resumes)."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
-        """Whether to swap out a victim holding `num_blocks` computed blocks."""
+    def swaps(self) -> bool:
+        """Whether to try swapping the victim out first."""
 
 
 class RecomputePreemption(PreemptionPolicy):
     name = PreemptionMode.RECOMPUTE.value
 
-    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
+    def swaps(self) -> bool:
         return False
 
 
 class SwapPreemption(PreemptionPolicy):
-    """Swap whenever the host tier has room; recompute otherwise (and for a victim with nothing computed)."""
-
     name = PreemptionMode.SWAP.value
 
-    def should_swap(self, num_blocks: int, host: HostSwapSpace | None) -> bool:
-        return host is not None and host.can_hold(num_blocks)
+    def swaps(self) -> bool:
+        return True
 
 
 def make_preemption_policy(mode: PreemptionMode | str, has_host_tier: bool) -> PreemptionPolicy:

@@ -27,10 +27,8 @@ from distinfer.engine.policies import make_policy, make_preemption_policy
 from distinfer.engine.request import Request, RequestStatus
 from distinfer.errors import QueueFullError
 from distinfer.kv.manager import KVCacheManager
-from distinfer.kv.offload import HostSwapSpace
 from distinfer.messages import (
     CachedRequestData,
-    KVBlockCopy,
     EngineCoreOutput,
     EngineStats,
     FinishReason,
@@ -52,7 +50,6 @@ class _StepState:
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     resumed: set[str] = field(default_factory=set)
     preempted: set[str] = field(default_factory=set)
-    kv_ops: list[KVBlockCopy] = field(default_factory=list)  # in the order the workers must run them
 
     def record(self, request_id: str, num_tokens: int, new_block_ids: list[int]) -> None:
         self.num_scheduled[request_id] = num_tokens
@@ -69,7 +66,7 @@ class _StepState:
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, kv_block_bytes: int = 0) -> None:
         self.config = scheduler_config
         # Pipeline parallel keeps this many steps in flight; each then takes its share of the running
         # requests, so that in steady decoding every stage has a batch instead of one batch and idle stages.
@@ -78,9 +75,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = make_policy(scheduler_config.policy)
         self.kv = KVCacheManager(num_blocks, cache_config.block_size,
-                                 cache_config.enable_prefix_caching, max_model_len)
-        self.host = HostSwapSpace(num_host_blocks) if num_host_blocks > 0 else None
-        self.preemption = make_preemption_policy(scheduler_config.preemption_mode, self.host is not None)
+                                 cache_config.enable_prefix_caching, max_model_len, num_host_blocks)
+        self.preemption = make_preemption_policy(scheduler_config.preemption_mode, self.kv.host is not None)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: list[Request] = []  # WAITING and PREEMPTED, in policy order
         self.running: list[Request] = []
@@ -88,6 +84,8 @@ class Scheduler:
         self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # computed tokens given up by recompute preemptions
+        self.num_swapped_preemptions = 0
+        self.kv_block_bytes = kv_block_bytes  # one block on every rank together (for the bytes-moved stats)
 
     # ------------------------------------------------------------------ queue
 
@@ -144,7 +142,20 @@ class Scheduler:
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=self.num_preemptions,
+            **self._host_stats(stats.host_hits),
         )
+
+    def _host_stats(self, host_hit_tokens: int) -> dict[str, float | int]:
+        host = self.kv.host
+        if host is None:
+            return {"num_recomputed_tokens": self.num_recomputed_tokens}
+        moved = host.stats
+        return dict(host_kv_cache_usage=host.usage, num_host_blocks=host.num_blocks,
+                    host_prefix_cache_hits=host_hit_tokens,
+                    kv_bytes_to_host=(moved.swapped_out_blocks + moved.spilled_blocks) * self.kv_block_bytes,
+                    kv_bytes_to_device=(moved.swapped_in_blocks + moved.hit_blocks) * self.kv_block_bytes,
+                    num_swapped_preemptions=self.num_swapped_preemptions,
+                    num_recomputed_tokens=self.num_recomputed_tokens)
 
     # ------------------------------------------------------------------ schedule
 
@@ -204,7 +215,7 @@ class Scheduler:
     def _admit(self, request: Request, step: _StepState) -> bool:
         """Move a waiting request to running with its first chunk scheduled; False (nothing
         changed) when its blocks cannot be found."""
-        swapped = self.host is not None and self.host.holds(request.request_id)
+        swapped = self.kv.is_swapped(request.request_id)
         num_hit = request.num_computed_tokens if swapped else self.kv.get_computed_blocks(request.request_id,
                                                                                           request.all_token_ids)
         request.num_computed_tokens = num_hit
@@ -215,7 +226,7 @@ class Scheduler:
                 request.num_computed_tokens = num_hit if swapped else 0
                 return False
         if swapped:  # its computed blocks come back from the host into the first of its new blocks
-            step.kv_ops.append(self.host.swap_in(request.request_id, new_block_ids))
+            self.kv.swap_in(request.request_id, new_block_ids)
         self.waiting.remove(request)
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.time()
@@ -254,9 +265,8 @@ class Scheduler:
         runs before this step's forward, so a block reused in this step is read first; progress kept)
         or recomputed (progress reset)."""
         self.running.remove(victim)
-        computed_blocks = self.kv.get_block_ids(victim.request_id)[:-(-victim.num_computed_tokens // self.block_size)]
-        if computed_blocks and self.preemption.should_swap(len(computed_blocks), self.host):
-            step.kv_ops.append(self.host.swap_out(victim.request_id, computed_blocks))
+        if self.preemption.swaps() and self.kv.swap_out(victim.request_id, victim.num_computed_tokens):
+            self.num_swapped_preemptions += 1
         else:
             self.num_recomputed_tokens += victim.num_computed_tokens
             victim.num_computed_tokens = 0
@@ -295,7 +305,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(step.num_scheduled.values()),
             finished_req_ids=finished,
             preempted_req_ids=preempted,
-            kv_ops=step.kv_ops,
+            kv_ops=self.kv.take_ops(),
         )
 
     # ------------------------------------------------------------------ update
@@ -378,7 +388,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request.request_id, uncache=request.status == RequestStatus.FINISHED_ERROR)
-        if self.host is not None:
-            self.host.free(request.request_id)
+        self.kv.free_host(request.request_id)
         del self.requests[request.request_id]
         self._finished_req_ids.add(request.request_id)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ class KVBlock:
 class BlockPool:
     """All KV blocks of one instance. Deals in blocks only; KVCacheManager maps requests to them."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, BlockHash], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.on_evict = on_evict  # (block id, hash) of a cached block about to be reused, while it still holds it
         self.blocks = [KVBlock(block_id) for block_id in range(num_blocks)]
         # block_id -> block, head first; O(1) removal from the middle when a cached block is hit.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
@@ -83,6 +84,8 @@ class BlockPool:
         taken: list[KVBlock] = []
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
+            if block.block_hash is not None and self.on_evict is not None:
+                self.on_evict(block.block_id, block.block_hash)
             self._evict_hash(block)
             block.ref_cnt = 1
             taken.append(block)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distinfer.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_full_blocks
+from distinfer.kv.offload import HostKVTier
+from distinfer.messages import KVBlockCopy, KVCopyDirection
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PrefixCacheStats:
     queries: int = 0  # tokens looked up
-    hits: int = 0  # tokens found
+    hits: int = 0  # tokens found (in either tier)
+    host_hits: int = 0  # of those, tokens found in the host tier and copied back
 
     @property
     def hit_rate(self) -> float:
@@ -32,7 +35,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int,
+                 num_host_blocks: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         needed = _cdiv(max_model_len, block_size)
@@ -45,7 +49,11 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.max_model_len = max_model_len
-        self.pool = BlockPool(num_blocks)
+        self.host = HostKVTier(num_host_blocks) if num_host_blocks > 0 else None
+        # Block copies planned since the last take_ops(), in the order the workers must run them.
+        self._ops: list[KVBlockCopy] = []
+        spill = self._spill if self.host is not None and enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, on_evict=spill)
         self._req_blocks: dict[str, list[KVBlock]] = {}
         self._req_hashes: dict[str, list[BlockHash]] = {}  # hash chain of the request's full blocks
         self._req_num_cached: dict[str, int] = {}  # leading blocks already registered/hit
@@ -67,7 +75,7 @@ class KVCacheManager:
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
-        return PrefixCacheStats(self._stats.queries, self._stats.hits)
+        return PrefixCacheStats(self._stats.queries, self._stats.hits, self._stats.host_hits)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self._req_blocks.get(request_id, [])]
@@ -89,14 +97,31 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.pool.touch(hits)
+        self.pool.touch(hits)  # before any allocation below, which must not evict them
+        num_device_hits = len(hits)
+        if self.host is not None:
+            hits += self._copy_in_host_hits(hashes[len(hits):])
         self._req_blocks[request_id] = hits
         self._req_hashes[request_id] = hashes[:len(hits)]
         self._req_num_cached[request_id] = len(hits)
         num_hit_tokens = len(hits) * self.block_size
         self._stats.queries += len(token_ids)
         self._stats.hits += num_hit_tokens
+        self._stats.host_hits += (len(hits) - num_device_hits) * self.block_size
         return num_hit_tokens
+
+    def _copy_in_host_hits(self, hashes: list[BlockHash]) -> list[KVBlock]:
+        """Device blocks for the leading `hashes` found in the host tier, registered in the device prefix
+        cache; their contents arrive by a copy that runs before the step's forward."""
+        host_ids = self.host.reserve_hits(hashes)
+        count = min(len(host_ids), self.pool.num_free_blocks)
+        blocks = self.pool.allocate(count) if count else []  # may spill evicted blocks (planned first)
+        for block, block_hash in zip(blocks, hashes):
+            self.pool.cache_block(block, block_hash)
+        if blocks:
+            self._ops.append(KVBlockCopy(KVCopyDirection.SWAP_IN, [b.block_id for b in blocks], host_ids[:count]))
+        self.host.release_hits(hashes[:len(host_ids)], host_ids, count)
+        return blocks
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Grow the request's table to hold `num_tokens` tokens in all. Returns the new block ids,
@@ -137,6 +162,40 @@ class KVCacheManager:
         self._req_num_cached.pop(request_id, None)
         self.pool.free(reversed(blocks), uncache)
 
+    # ------------------------------------------------------------------ host tier
+
+    def take_ops(self) -> list[KVBlockCopy]:
+        """The block copies planned since the last call, in order (they go into one SchedulerOutput)."""
+        ops, self._ops = self._ops, []
+        return ops
+
+    def swap_out(self, request_id: str, num_computed_tokens: int) -> bool:
+        """Plan the copy of the request's computed blocks to the host tier; False (nothing planned) when
+        there is no tier, nothing computed, or no room. The caller frees the device blocks."""
+        block_ids = self.get_block_ids(request_id)[:_cdiv(num_computed_tokens, self.block_size)]
+        if self.host is None or not self.host.can_hold(len(block_ids)):
+            return False
+        self._ops.append(self.host.swap_out(request_id, block_ids))
+        return True
+
+    def is_swapped(self, request_id: str) -> bool:
+        return self.host is not None and self.host.holds(request_id)
+
+    def swap_in(self, request_id: str, device_block_ids: list[int]) -> None:
+        """Plan the copy of a swapped request's blocks back into its first device blocks."""
+        self._ops.append(self.host.swap_in(request_id, device_block_ids))
+
+    def free_host(self, request_id: str) -> None:
+        if self.host is not None:
+            self.host.free(request_id)
+
+    def _spill(self, block_id: int, block_hash: BlockHash) -> None:
+        op = self.host.spill(block_hash, block_id)
+        if op is not None:
+            self._ops.append(op)
+
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
+        if self.host is not None:
+            self.host.reset_cache()
         # Requests' hash chains stay valid; their blocks simply are no longer registered.

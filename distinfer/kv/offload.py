@@ -1,65 +1,125 @@
-"""The host tier of the KV cache (CPU DRAM): block ids of every rank's host pool, and which request's
-swapped-out blocks sit where. Deals in request ids and block ids only; the workers hold the bytes and
-run the copies (messages.KVBlockCopy) before the step's forward, in order.
+"""The host tier of the KV cache (CPU DRAM): which host block holds what. Deals in request ids, block
+hashes and block ids only; the workers hold the bytes and run the copies (messages.KVBlockCopy) before
+the step's forward, in the order they were planned.
 
-Invariants:
-- A host block belongs to at most one swapped request; `free` returns all of a request's host blocks.
-- A swapped request's host blocks hold its first cdiv(num_computed_tokens, block_size) blocks, in order.
+A host block is free, holds a swapped-out request's block (until it swaps back in or ends), or holds a
+prefix-cache block spilled from the device (hash-addressed, LRU: the least recently spilled or hit is
+reused first when no block is free). Swapped blocks are never evicted.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from distinfer.kv.block_pool import BlockHash
 from distinfer.messages import KVBlockCopy, KVCopyDirection
 
 
-class HostSwapSpace:
+@dataclass
+class HostTierStats:
+    swapped_out_blocks: int = 0  # device -> host for preempted requests
+    swapped_in_blocks: int = 0  # host -> device for resumed requests
+    spilled_blocks: int = 0  # device prefix-cache blocks copied out on eviction
+    hit_blocks: int = 0  # prefix blocks found in the host tier and copied back
+
+
+class HostKVTier:
     def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id first
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low, contiguous ids
         self._swapped: dict[str, list[int]] = {}
-        self.num_swapped_out = 0  # blocks copied device -> host, all time
-        self.num_swapped_in = 0
+        self._cached: OrderedDict[BlockHash, int] = OrderedDict()  # oldest first
+        self.stats = HostTierStats()
+
+    # ------------------------------------------------------------------ queries
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a swap-out can take now: free ones plus evictable spilled ones."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+        return 1.0 - len(self._free) / self.num_blocks
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._swapped
 
-    def num_held(self, request_id: str) -> int:
-        return len(self._swapped.get(request_id, ()))
-
     def can_hold(self, num_blocks: int) -> bool:
-        return 0 < num_blocks <= len(self._free)
+        return 0 < num_blocks <= self.num_free_blocks
+
+    # ------------------------------------------------------------------ swap (preemption)
 
     def swap_out(self, request_id: str, device_block_ids: list[int]) -> KVBlockCopy:
-        """Reserve host blocks for the request's device blocks (in order); the copy to run."""
+        """Host blocks for the request's computed device blocks (in order); the copy to run."""
         if request_id in self._swapped:
             raise ValueError(f"request {request_id!r} is already swapped out")
         if not self.can_hold(len(device_block_ids)):
-            raise ValueError(f"cannot hold {len(device_block_ids)} blocks ({len(self._free)} free)")
-        host_ids = [self._free.pop() for _ in device_block_ids]
+            raise ValueError(f"cannot hold {len(device_block_ids)} blocks ({self.num_free_blocks} available)")
+        host_ids = [self._take() for _ in device_block_ids]
         self._swapped[request_id] = host_ids
-        self.num_swapped_out += len(host_ids)
+        self.stats.swapped_out_blocks += len(host_ids)
         return KVBlockCopy(KVCopyDirection.SWAP_OUT, list(device_block_ids), host_ids)
 
     def swap_in(self, request_id: str, device_block_ids: list[int]) -> KVBlockCopy:
-        """The copy of the request's host blocks into `device_block_ids` (its first blocks); the host
-        blocks are free again once this step's copies ran (they run before any later step's)."""
+        """Copy the request's host blocks into the first of `device_block_ids`. The host blocks are free
+        again at once: a later op that reuses them is planned, and so runs, after this copy."""
         host_ids = self._swapped.pop(request_id)
         if len(device_block_ids) < len(host_ids):
             raise ValueError(f"request {request_id!r}: {len(host_ids)} host blocks need as many device blocks, "
                              f"got {len(device_block_ids)}")
         self._free.extend(reversed(host_ids))
-        self.num_swapped_in += len(host_ids)
+        self.stats.swapped_in_blocks += len(host_ids)
         return KVBlockCopy(KVCopyDirection.SWAP_IN, list(device_block_ids[:len(host_ids)]), host_ids)
 
     def free(self, request_id: str) -> None:
-        """Drop a request's host blocks (finished or aborted while swapped out)."""
+        """Drop a request's swapped blocks (it finished or was aborted while swapped out)."""
         self._free.extend(reversed(self._swapped.pop(request_id, [])))
+
+    # ------------------------------------------------------------------ prefix spill
+
+    def spill(self, block_hash: BlockHash, device_block_id: int) -> KVBlockCopy | None:
+        """A hashed device block is being evicted: keep a copy (None: already here, or no room)."""
+        if block_hash in self._cached:
+            self._cached.move_to_end(block_hash)
+            return None
+        if not self.num_free_blocks:
+            return None
+        host_id = self._take()
+        self._cached[block_hash] = host_id
+        self.stats.spilled_blocks += 1
+        return KVBlockCopy(KVCopyDirection.SWAP_OUT, [device_block_id], [host_id])
+
+    def reserve_hits(self, hashes: list[BlockHash]) -> list[int]:
+        """Host ids of the leading `hashes` spilled here, taken out of the LRU so that nothing planned
+        before their copy-in can reuse them; hand them back with `release_hits`."""
+        hits: list[int] = []
+        for block_hash in hashes:
+            host_id = self._cached.pop(block_hash, None)
+            if host_id is None:
+                break
+            hits.append(host_id)
+        return hits
+
+    def release_hits(self, hashes: list[BlockHash], host_ids: list[int], num_used: int) -> None:
+        """Back into the LRU as the most recent; the first `num_used` were copied in (hits)."""
+        for block_hash, host_id in zip(hashes, host_ids):
+            self._cached[block_hash] = host_id
+        self.stats.hit_blocks += num_used
+
+    def reset_cache(self) -> None:
+        """Forget every spilled block (swapped requests keep theirs)."""
+        self._free.extend(self._cached.values())
+        self._cached.clear()
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        _, host_id = self._cached.popitem(last=False)  # the least recently used spilled block
+        return host_id

@@ -80,7 +80,22 @@ class _StatsCollector(Collector):
         yield gauge("engine_dead", "1 when the engine step loop has died.", 1.0 if self.is_dead() else 0.0)
         yield counter("prefix_cache_queries", "Prefix cache lookups (as the KV manager counts them).", stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prefix cache hits (same unit as queries).", stats.prefix_cache_hits)
-        yield counter("num_preemptions", "Requests preempted (recomputed later) since start.", stats.num_preemptions)
+        yield counter("num_preemptions", "Requests preempted (swapped out or recomputed) since start.",
+                      stats.num_preemptions)
+        yield counter("num_swapped_preemptions", "Preemptions that swapped the request to the host KV tier.",
+                      stats.num_swapped_preemptions)
+        yield counter("num_recomputed_tokens", "Computed tokens given up by recompute preemptions.",
+                      stats.num_recomputed_tokens)
+        yield gauge("host_kv_cache_usage_perc", "Fraction of host KV tier blocks in use (1 = full).",
+                    stats.host_kv_cache_usage)
+        yield gauge("num_host_kv_cache_blocks", "Blocks in the host KV tier (0: none).", stats.num_host_blocks)
+        yield counter("host_prefix_cache_hits", "Prefix cache hit tokens copied back from the host tier.",
+                      stats.host_prefix_cache_hits)
+        transfer = CounterMetricFamily(PREFIX + "kv_transfer_bytes", "KV bytes copied between the tiers.",
+                                       labels=["model_name", "direction"])
+        transfer.add_metric(labels + ["to_host"], stats.kv_bytes_to_host)
+        transfer.add_metric(labels + ["to_device"], stats.kv_bytes_to_device)
+        yield transfer
 
 
 class EngineMetrics:

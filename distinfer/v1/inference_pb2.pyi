@@ -195,7 +195,7 @@ class ParallelConfig(_message.Message):
     def __init__(self, tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., sequence_parallel_size: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_pending", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+    __slots__ = ("num_running", "num_waiting", "num_pending", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "host_kv_cache_usage", "num_host_blocks", "host_prefix_cache_hits", "kv_bytes_to_host", "kv_bytes_to_device", "num_swapped_preemptions", "num_recomputed_tokens")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,13 @@ class Load(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_TO_HOST_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_TO_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAPPED_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_pending: int
@@ -214,7 +221,14 @@ class Load(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_pending: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    host_kv_cache_usage: float
+    num_host_blocks: int
+    host_prefix_cache_hits: int
+    kv_bytes_to_host: int
+    kv_bytes_to_device: int
+    num_swapped_preemptions: int
+    num_recomputed_tokens: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_pending: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., host_kv_cache_usage: _Optional[float] = ..., num_host_blocks: _Optional[int] = ..., host_prefix_cache_hits: _Optional[int] = ..., kv_bytes_to_host: _Optional[int] = ..., kv_bytes_to_device: _Optional[int] = ..., num_swapped_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "model_name", "parallel_config", "load", "max_pending_requests", "max_num_seqs", "max_num_batched_tokens", "block_size", "draining", "uptime_seconds", "dead")

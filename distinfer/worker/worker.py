@@ -64,6 +64,10 @@ class Worker:
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
 
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one KV block on this rank (its layers and heads)."""
+        return self.runner.model.kv_cache_bytes_per_block(self.runner.block_size)
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 

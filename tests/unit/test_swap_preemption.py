@@ -8,14 +8,15 @@ import pytest
 from distinfer.config import CacheConfig, SchedulerConfig
 from distinfer.engine.request import RequestStatus
 from distinfer.engine.scheduler import Scheduler
-from distinfer.kv.offload import HostSwapSpace
+from distinfer.kv.offload import HostKVTier
 from distinfer.messages import FinishReason, KVCopyDirection
 from tests.unit.test_scheduler import BS, TOKEN, _two_running_requests, make_req, run_step
 
 
-def make_sched(num_blocks=4, num_host_blocks=8, mode="auto", max_model_len=16):
+def make_sched(num_blocks=4, num_host_blocks=8, mode="auto", max_model_len=16, prefix=False):
     return Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, preemption_mode=mode),
-                     CacheConfig(block_size=BS), num_blocks, max_model_len, num_host_blocks=num_host_blocks)
+                     CacheConfig(block_size=BS, enable_prefix_caching=prefix), num_blocks, max_model_len,
+                     num_host_blocks=num_host_blocks)
 
 
 def test_victim_swaps_out_and_resumes_with_its_progress():
@@ -27,7 +28,7 @@ def test_victim_swaps_out_and_resumes_with_its_progress():
     assert so.preempted_req_ids == {"b"} and so.num_scheduled_tokens == {"a": 1}
     (op,) = so.kv_ops
     assert op.direction == KVCopyDirection.SWAP_OUT and op.device_block_ids == b_blocks
-    assert len(op.host_block_ids) == 2 and sched.host.holds("b")
+    assert len(op.host_block_ids) == 2 and sched.kv.host.holds("b")
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 8  # progress kept
     so, outs = run_step(sched)  # "a" finished; "b" comes back: swap in, then only its new token
     (op_in,) = so.kv_ops
@@ -36,8 +37,9 @@ def test_victim_swaps_out_and_resumes_with_its_progress():
     (cached,) = so.scheduled_cached_reqs
     assert cached.resumed_from_preemption and cached.num_computed_tokens == 8
     assert so.num_scheduled_tokens == {"b": 1} and outs["b"].new_token_ids == [TOKEN]
-    assert not sched.host.holds("b") and sched.host.num_free_blocks == 8
+    assert not sched.kv.host.holds("b") and sched.kv.host.num_free_blocks == 8
     assert sched.num_recomputed_tokens == 0 and sched.get_stats().num_preemptions == 1
+    assert sched.kv.host.stats.swapped_out_blocks == sched.kv.host.stats.swapped_in_blocks == 2
 
 
 def test_full_host_tier_falls_back_to_recompute():
@@ -52,13 +54,13 @@ def test_recompute_mode_never_swaps():
     sched = make_sched(mode="recompute")
     _two_running_requests(sched)
     so, _ = run_step(sched)
-    assert so.preempted_req_ids == {"b"} and so.kv_ops == [] and sched.host.num_free_blocks == 8
+    assert so.preempted_req_ids == {"b"} and so.kv_ops == [] and sched.kv.host.num_free_blocks == 8
 
 
 def test_swap_mode_needs_a_host_tier():
     with pytest.raises(ValueError, match="kv_offloading_size"):
         make_sched(num_host_blocks=0, mode="swap")
-    assert make_sched(num_host_blocks=0).host is None  # auto without a tier: recompute
+    assert make_sched(num_host_blocks=0).kv.host is None  # auto without a tier: recompute
 
 
 @pytest.mark.parametrize("reason", [FinishReason.ABORT, FinishReason.ERROR])
@@ -66,15 +68,15 @@ def test_finishing_a_swapped_request_frees_its_host_blocks(reason):
     sched = make_sched()
     _two_running_requests(sched)
     so, _ = run_step(sched)  # swap-out of "b" is in this step's ops
-    assert sched.host.num_free_blocks == 6
+    assert sched.kv.host.num_free_blocks == 6
     sched.finish_requests("b", reason)  # aborted while (or right after) its swap-out runs
-    assert sched.host.num_free_blocks == 8 and not sched.host.holds("b")
+    assert sched.kv.host.num_free_blocks == 8 and not sched.kv.host.holds("b")
     so, _ = run_step(sched)
     assert "b" in so.finished_req_ids and so.kv_ops == []
 
 
 def test_host_blocks_freed_by_a_swap_in_are_reused_only_by_later_ops():
-    space = HostSwapSpace(2)
+    space = HostKVTier(2)
     out_a = space.swap_out("a", [5, 6])
     assert not space.can_hold(1)
     back = space.swap_in("a", [1, 2, 3])
@@ -85,3 +87,39 @@ def test_host_blocks_freed_by_a_swap_in_are_reused_only_by_later_ops():
         space.swap_out("b", [8])
     with pytest.raises(ValueError, match="cannot hold"):
         space.swap_out("c", [1, 2])
+
+
+def test_evicted_prefix_blocks_spill_to_the_host_and_come_back_as_hits():
+    sched = make_sched(num_blocks=5, prefix=True, max_model_len=20)
+    prompt = list(range(500, 509))  # 9 tokens: two full blocks can be cached, one token left to compute
+    sched.add_request(make_req("first", prompt=prompt, max_tokens=1))
+    run_step(sched)  # "first" computes its prompt, samples its one token and finishes
+    assert sched.kv.pool.num_cached_blocks == 2  # its two full blocks stay cached on the device (evictable)
+    sched.add_request(make_req("filler", prompt_len=19, max_tokens=1))  # takes all 5 blocks: evicts them
+    so, _ = run_step(sched)
+    spills = [op for op in so.kv_ops if op.direction == KVCopyDirection.SWAP_OUT]
+    assert sum(len(op.device_block_ids) for op in spills) == 2
+    assert sched.kv.host.num_cached_blocks == 2 and sched.kv.host.stats.spilled_blocks == 2
+    run_step(sched)  # "filler" finishes
+    sched.add_request(make_req("again", prompt=prompt, max_tokens=2))
+    so, _ = run_step(sched)  # its prefix is no longer on the device, but in the host tier
+    (copy_in,) = [op for op in so.kv_ops if op.direction == KVCopyDirection.SWAP_IN]
+    assert copy_in.device_block_ids == sched.kv.get_block_ids("again")[:2]
+    (new,) = so.scheduled_new_reqs
+    assert new.num_computed_tokens == 8 and so.num_scheduled_tokens == {"again": 1}
+    stats = sched.kv.prefix_cache_stats
+    assert stats.host_hits == 8 and sched.kv.host.stats.hit_blocks == 2
+
+
+def test_a_full_host_tier_reuses_its_least_recently_spilled_block():
+    tier = HostKVTier(2)
+    ops = [tier.spill(bytes([i]), 10 + i) for i in range(3)]
+    assert [op.host_block_ids for op in ops] == [[0], [1], [0]]  # the third reuses the oldest
+    assert tier.reserve_hits([bytes([0])]) == []  # evicted
+    assert tier.spill(bytes([2]), 99) is None  # already here: touched, no copy
+    hits = tier.reserve_hits([bytes([1]), bytes([2])])
+    assert hits == [1, 0] and tier.num_cached_blocks == 0  # reserved: nothing can reuse them now
+    tier.release_hits([bytes([1]), bytes([2])], hits, num_used=2)
+    assert tier.num_cached_blocks == 2 and tier.stats.hit_blocks == 2
+    tier.swap_out("r", [7, 8])  # a swap-out may evict spilled blocks, never the other way round
+    assert tier.num_cached_blocks == 0 and tier.spill(bytes([3]), 5) is None
