@@ -185,3 +185,20 @@ def test_bad_layer_partition_is_refused(partition, error):
     with pytest.raises(ValueError, match=error):
         ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition=partition)
     assert ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition="3, 1").pipeline_layer_partition == (3, 1)
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_swap_preemption_over_ray_matches_single_device(tp, pp, ray_session, tiny_model_dir, prompt_ids,
+                                                        single_device):
+    """The same tiny budget with a host KV tier: victims swap out on every rank (heads or layers) and
+    come back; tokens equal one device's, and both tiers are empty at the end."""
+    llm = LLM(tiny_model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_batched_tokens=24,
+              block_size=8, num_kv_blocks=20, max_model_len=160, enable_prefix_caching=False,
+              kv_offloading_size=0.001)
+    try:
+        assert _tokens(llm.generate(prompt_ids, _greedy(), use_tqdm=False)) == single_device["greedy"]
+        stats = llm.engine.get_stats()
+        assert stats.num_swapped_preemptions > 0 and stats.num_recomputed_tokens == 0
+        assert stats.num_free_blocks == 20 and stats.host_kv_cache_usage == 0.0
+    finally:
+        llm.shutdown()

@@ -123,3 +123,14 @@ def test_a_full_host_tier_reuses_its_least_recently_spilled_block():
     assert tier.num_cached_blocks == 2 and tier.stats.hit_blocks == 2
     tier.swap_out("r", [7, 8])  # a swap-out may evict spilled blocks, never the other way round
     assert tier.num_cached_blocks == 0 and tier.spill(bytes([3]), 5) is None
+
+
+def test_abort_right_after_swap_in_frees_every_block_of_both_tiers():
+    sched = make_sched()
+    _two_running_requests(sched, a={"max_tokens": 3})
+    run_step(sched)  # "b" swapped out
+    so = sched.schedule()  # "a" finished last step; "b" swaps in (the copy is planned in this step)
+    assert [op.direction for op in so.kv_ops] == [KVCopyDirection.SWAP_IN]
+    sched.finish_requests("b", FinishReason.ABORT)  # aborted while its swap-in step runs
+    assert sched.kv.num_free_blocks == 4 and sched.kv.host.num_free_blocks == 8
+    assert not sched.requests and not sched.running and not sched.waiting
