@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -27,6 +28,17 @@ import torch
 from distinfer.messages import KVBlockCopy, KVCopyDirection
 
 logger = logging.getLogger(__name__)
+
+
+def check_host_memory(nbytes: int) -> None:
+    """Refuse a host tier this node cannot hold (instead of being killed for memory while filling it)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not reported on this platform: trust the setting
+        return
+    if nbytes > available:
+        raise ValueError(f"kv_offloading_size asks {nbytes / (1 << 30):.2f} GiB of host memory on this rank but "
+                         f"only {available / (1 << 30):.2f} GiB are available on its node; lower it")
 
 
 class HostKVCache:

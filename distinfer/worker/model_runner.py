@@ -17,7 +17,7 @@ from distinfer.model.loader import load_hf_config, load_model
 from distinfer.worker.cuda_graphs import DecodeGraphs, DecodeRows
 from distinfer.worker.gpu_memory import kv_cache_budget, profile_batch
 from distinfer.worker.input_batch import InputBatch, StepInputs
-from distinfer.worker.kv_offload import HostKVCache
+from distinfer.worker.kv_offload import HostKVCache, check_host_memory
 from distinfer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class ModelRunner:
     def determine_num_host_blocks(self, kv_offloading_bytes: int) -> int:
         """Host KV blocks for this rank: its share of the instance's bytes / this rank's bytes per block."""
         per_block = self.model.kv_cache_bytes_per_block(self.block_size)
-        return kv_offloading_bytes // self.config.parallel.world_size // per_block
+        share = kv_offloading_bytes // self.config.parallel.world_size
+        check_host_memory(share)
+        return share // per_block
 
     def initialize_host_cache(self, num_host_blocks: int) -> None:
         """The host tier, shaped like the device cache (so after initialize_kv_cache); 0 blocks: none."""

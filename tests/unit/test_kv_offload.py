@@ -200,3 +200,11 @@ def test_kv_ops_without_a_host_cache_fail_clearly(tiny_dir):
             executor.execute_model(SchedulerOutput([], [], {}, 0, kv_ops=[KVBlockCopy(OUT, [0], [0])]))
     finally:
         executor.shutdown()
+
+
+def test_a_host_tier_larger_than_the_node_is_refused():
+    from distinfer.worker.kv_offload import check_host_memory
+
+    check_host_memory(1 << 20)
+    with pytest.raises(ValueError, match="kv_offloading_size asks .* GiB .* available"):
+        check_host_memory(1 << 60)
