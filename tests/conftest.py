@@ -57,6 +57,13 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]
     return out[0, len(prompt_ids):].tolist()
 
 
+def llm_greedy(llm, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """distinfer's greedy tokens for each prompt (the counterpart of hf_greedy)."""
+    from distinfer import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    return [list(out.outputs[0].token_ids) for out in llm.generate(prompt_ids, params, use_tqdm=False)]
+
+
 def save_tiny_llama(path: str, tokenizer_dir: str, lm_head_scale: float | None = None, **shape) -> str:
     """A random Llama of `shape` (LlamaConfig fields) saved as safetensors at `path`, with the tokenizer
     of `tokenizer_dir` (seed 0: the same weights every time). `lm_head_scale` multiplies the (untied)

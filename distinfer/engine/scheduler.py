@@ -166,9 +166,9 @@ class Scheduler:
             self._schedule_waiting(step)
         return self._build_output(step)
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        return min(request.num_tokens - request.num_computed_tokens, budget,
-                   self.max_model_len - request.num_computed_tokens)
+    def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        num_computed = request.num_computed_tokens if num_computed is None else num_computed
+        return min(request.num_tokens - num_computed, budget, self.max_model_len - num_computed)
 
     def _schedule_running(self, step: _StepState) -> None:
         share = -(-len(self.running) // self.max_concurrent_batches)  # ceil: the batches alternate
@@ -213,24 +213,22 @@ class Scheduler:
                 break  # out of blocks: keep the queue order, try again next step
 
     def _admit(self, request: Request, step: _StepState) -> bool:
-        """Move a waiting request to running with its first chunk scheduled; False (nothing
-        changed) when its blocks cannot be found."""
-        swapped = self.kv.is_swapped(request.request_id)
-        num_hit = request.num_computed_tokens if swapped else self.kv.get_computed_blocks(request.request_id,
-                                                                                          request.all_token_ids)
-        request.num_computed_tokens = num_hit
-        num_new = self._num_new_tokens(request, step.budget)
-        while (new_block_ids := self.kv.allocate_slots(request.request_id, num_hit + num_new)) is None:
-            if not self._preempt_for(request, step):
-                self.kv.free(request.request_id)
-                request.num_computed_tokens = num_hit if swapped else 0
+        """Move a waiting request to running with its first chunk scheduled; False (nothing changed, no copy
+        planned) when its blocks cannot be found. A swapped-out request keeps its progress: its blocks come back
+        from the host tier (less those still cached on the device)."""
+        while True:
+            prefix = self.kv.find_computed(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            num_new = self._num_new_tokens(request, step.budget, prefix.num_tokens)
+            new_block_ids = self.kv.admit(request.request_id, prefix, prefix.num_tokens + num_new)
+            if new_block_ids is not None:
+                break
+            if not self._preempt_for(request, step):  # a preemption changes both tiers: look up again
                 return False
-        if swapped:  # its computed blocks come back from the host into the first of its new blocks
-            self.kv.swap_in(request.request_id, new_block_ids)
+        request.num_computed_tokens = prefix.num_tokens
         self.waiting.remove(request)
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.time()
-            request.num_cached_tokens = num_hit
+            request.num_cached_tokens = prefix.num_tokens
         if request.known_to_workers:
             step.resumed.add(request.request_id)
         request.status = RequestStatus.RUNNING

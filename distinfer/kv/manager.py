@@ -30,6 +30,20 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+@dataclass
+class ComputedPrefix:
+    """The leading blocks of a waiting request that need no computing (KVCacheManager.find_computed): some
+    cached on the device, then `num_host_blocks` in the host tier (spilled prefix blocks, or, when `swapped`,
+    the request's own swapped-out blocks)."""
+
+    hashes: list[BlockHash]  # of the full blocks among them, in order
+    device_blocks: list[KVBlock]
+    num_host_blocks: int
+    num_tokens: int  # tokens they cover
+    swapped: bool
+    num_queried_tokens: int = 0  # for the prefix-cache stats (not counted for swapped requests)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -82,46 +96,74 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ updates
 
-    def get_computed_blocks(self, request_id: str, token_ids: Sequence[int]) -> int:
-        """Assign the longest cached prefix (full blocks, leaving >= 1 token) to a request that
-        holds no blocks; returns the number of tokens it covers."""
+    def find_computed(self, request_id: str, token_ids: Sequence[int], num_swapped_tokens: int = 0) -> ComputedPrefix:
+        """What a request that holds no blocks finds already computed; changes nothing. A request swapped out to
+        the host tier finds its own `num_swapped_tokens` there, less the leading full blocks still cached on the
+        device; any other finds the longest cached prefix (full blocks, leaving >= 1 token to compute), on the
+        device first, then spilled to the host tier."""
         if self._req_blocks.get(request_id):
             raise ValueError(f"request {request_id!r} already holds blocks; free it before a prefix lookup")
-        if not self.enable_prefix_caching:
-            return 0
-        max_blocks = max(len(token_ids) - 1, 0) // self.block_size
-        hashes = hash_full_blocks(token_ids, self.block_size, num_blocks=max_blocks)
-        hits: list[KVBlock] = []
+        swapped = self.is_swapped(request_id)
+        num_full = (num_swapped_tokens if swapped else max(len(token_ids) - 1, 0)) // self.block_size
+        hashes = hash_full_blocks(token_ids, self.block_size, num_blocks=num_full) if self.enable_prefix_caching else []
+        device: list[KVBlock] = []
         for block_hash in hashes:
             block = self.pool.get_cached_block(block_hash)
             if block is None:
                 break
-            hits.append(block)
-        self.pool.touch(hits)  # before any allocation below, which must not evict them
-        num_device_hits = len(hits)
-        if self.host is not None:
-            hits += self._copy_in_host_hits(hashes[len(hits):])
-        self._req_blocks[request_id] = hits
-        self._req_hashes[request_id] = hashes[:len(hits)]
-        self._req_num_cached[request_id] = len(hits)
-        num_hit_tokens = len(hits) * self.block_size
-        self._stats.queries += len(token_ids)
-        self._stats.hits += num_hit_tokens
-        self._stats.host_hits += (len(hits) - num_device_hits) * self.block_size
-        return num_hit_tokens
+            device.append(block)
+        if swapped:
+            num_host = _cdiv(num_swapped_tokens, self.block_size) - len(device)
+            return ComputedPrefix(hashes, device, num_host, num_swapped_tokens, swapped=True)
+        num_host = self.host.count_hits(hashes[len(device):]) if self.host is not None else 0
+        hashes = hashes[:len(device) + num_host]
+        return ComputedPrefix(hashes, device, num_host, len(hashes) * self.block_size, swapped=False,
+                              num_queried_tokens=len(token_ids) if self.enable_prefix_caching else 0)
 
-    def _copy_in_host_hits(self, hashes: list[BlockHash]) -> list[KVBlock]:
-        """Device blocks for the leading `hashes` found in the host tier, registered in the device prefix
-        cache; their contents arrive by a copy that runs before the step's forward."""
-        host_ids = self.host.reserve_hits(hashes)
-        count = min(len(host_ids), self.pool.num_free_blocks)
-        blocks = self.pool.allocate(count) if count else []  # may spill evicted blocks (planned first)
-        for block, block_hash in zip(blocks, hashes):
+    def admit(self, request_id: str, prefix: ComputedPrefix, num_tokens: int) -> list[int] | None:
+        """Give a request found `prefix` (from find_computed, with nothing changed since) a table for `num_tokens`
+        tokens: the device hits shared, new blocks for the rest, the host blocks' copy-in planned. Returns the
+        new block ids, or None (nothing changed, nothing planned) when too few blocks are free."""
+        num_new = _cdiv(num_tokens, self.block_size) - len(prefix.device_blocks)
+        num_free = self.pool.num_free_blocks - sum(1 for block in prefix.device_blocks if block.ref_cnt == 0)
+        if num_new > num_free or num_tokens < prefix.num_tokens:
+            return None
+        self.pool.touch(prefix.device_blocks)  # before the allocation, which must not evict them
+        if prefix.swapped:
+            new_blocks = self._admit_swapped(request_id, prefix, num_new)
+        else:
+            new_blocks = self._admit_with_host_hits(prefix, num_new)
+            self._stats.queries += prefix.num_queried_tokens
+            self._stats.hits += prefix.num_tokens
+            self._stats.host_hits += prefix.num_host_blocks * self.block_size
+        self._req_blocks[request_id] = prefix.device_blocks + new_blocks
+        self._req_hashes[request_id] = list(prefix.hashes)
+        self._req_num_cached[request_id] = len(prefix.hashes)
+        return [block.block_id for block in new_blocks]
+
+    def _admit_with_host_hits(self, prefix: ComputedPrefix, num_new: int) -> list[KVBlock]:
+        """New blocks; the first `num_host_blocks` get the spilled prefix blocks, registered in the device cache."""
+        host_hashes = prefix.hashes[len(prefix.device_blocks):]
+        host_ids = self.host.reserve_hits(host_hashes) if host_hashes else []  # nothing below may reuse them
+        if len(host_ids) != len(host_hashes):
+            raise RuntimeError("the host tier changed between find_computed and admit")
+        new_blocks = self.pool.allocate(num_new)  # may spill evicted blocks: planned before the copy-in
+        for block, block_hash in zip(new_blocks, host_hashes):
             self.pool.cache_block(block, block_hash)
-        if blocks:
-            self._ops.append(KVBlockCopy(KVCopyDirection.SWAP_IN, [b.block_id for b in blocks], host_ids[:count]))
-        self.host.release_hits(hashes[:len(host_ids)], host_ids, count)
-        return blocks
+        if host_ids:
+            self._plan(KVBlockCopy(KVCopyDirection.SWAP_IN, [b.block_id for b in new_blocks[:len(host_ids)]],
+                                   host_ids))
+            self.host.release_hits(host_hashes, host_ids, len(host_ids))
+        return new_blocks
+
+    def _admit_swapped(self, request_id: str, prefix: ComputedPrefix, num_new: int) -> list[KVBlock]:
+        """New blocks; the first `num_host_blocks` get the request's swapped blocks not found on the device."""
+        new_blocks = self.pool.allocate(num_new)  # spills planned first: they cannot take the swapped host blocks
+        skip = len(prefix.device_blocks)
+        self._plan(self.host.swap_in(request_id, [b.block_id for b in new_blocks[:prefix.num_host_blocks]], skip))
+        for block, block_hash in zip(new_blocks, prefix.hashes[skip:]):  # swapped-in full blocks
+            self.pool.cache_block(block, block_hash)
+        return new_blocks
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Grow the request's table to hold `num_tokens` tokens in all. Returns the new block ids,
@@ -175,15 +217,11 @@ class KVCacheManager:
         block_ids = self.get_block_ids(request_id)[:_cdiv(num_computed_tokens, self.block_size)]
         if self.host is None or not self.host.can_hold(len(block_ids)):
             return False
-        self._ops.append(self.host.swap_out(request_id, block_ids))
+        self._plan(self.host.swap_out(request_id, block_ids))
         return True
 
     def is_swapped(self, request_id: str) -> bool:
         return self.host is not None and self.host.holds(request_id)
-
-    def swap_in(self, request_id: str, device_block_ids: list[int]) -> None:
-        """Plan the copy of a swapped request's blocks back into its first device blocks."""
-        self._ops.append(self.host.swap_in(request_id, device_block_ids))
 
     def free_host(self, request_id: str) -> None:
         if self.host is not None:
@@ -192,7 +230,26 @@ class KVCacheManager:
     def _spill(self, block_id: int, block_hash: BlockHash) -> None:
         op = self.host.spill(block_hash, block_id)
         if op is not None:
+            self._plan(op)
+
+    def _plan(self, op: KVBlockCopy) -> None:
+        """Append a copy, merged into the previous one when both go the same way (one indexed copy per layer
+        instead of one per block). Safe: a copy's sources are never the destinations of one going the same
+        way, and the later of two pairs with the same destination wins, as it would have run last."""
+        last = self._ops[-1] if self._ops else None
+        if not op.device_block_ids:
+            return
+        if last is None or last.direction != op.direction:
             self._ops.append(op)
+            return
+        out = op.direction == KVCopyDirection.SWAP_OUT
+        by_destination: dict[int, int] = {}
+        for previous in (last, op):
+            sources, destinations = ((previous.device_block_ids, previous.host_block_ids) if out
+                                     else (previous.host_block_ids, previous.device_block_ids))
+            by_destination.update(zip(destinations, sources))
+        destinations, sources = list(by_destination), list(by_destination.values())
+        last.device_block_ids, last.host_block_ids = (sources, destinations) if out else (destinations, sources)
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

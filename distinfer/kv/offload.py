@@ -67,16 +67,18 @@ class HostKVTier:
         self.stats.swapped_out_blocks += len(host_ids)
         return KVBlockCopy(KVCopyDirection.SWAP_OUT, list(device_block_ids), host_ids)
 
-    def swap_in(self, request_id: str, device_block_ids: list[int]) -> KVBlockCopy:
-        """Copy the request's host blocks into the first of `device_block_ids`. The host blocks are free
-        again at once: a later op that reuses them is planned, and so runs, after this copy."""
+    def swap_in(self, request_id: str, device_block_ids: list[int], skip: int = 0) -> KVBlockCopy:
+        """Copy the request's host blocks, less the first `skip` (still cached on the device, so not needed),
+        into `device_block_ids` (one each). All its host blocks are free again at once: a later op that reuses
+        them is planned, and so runs, after this copy."""
         host_ids = self._swapped.pop(request_id)
-        if len(device_block_ids) < len(host_ids):
-            raise ValueError(f"request {request_id!r}: {len(host_ids)} host blocks need as many device blocks, "
-                             f"got {len(device_block_ids)}")
+        if len(device_block_ids) != len(host_ids) - skip:
+            self._swapped[request_id] = host_ids
+            raise ValueError(f"request {request_id!r}: {len(host_ids) - skip} host blocks to copy need as many "
+                             f"device blocks, got {len(device_block_ids)}")
         self._free.extend(reversed(host_ids))
-        self.stats.swapped_in_blocks += len(host_ids)
-        return KVBlockCopy(KVCopyDirection.SWAP_IN, list(device_block_ids[:len(host_ids)]), host_ids)
+        self.stats.swapped_in_blocks += len(device_block_ids)
+        return KVBlockCopy(KVCopyDirection.SWAP_IN, list(device_block_ids), host_ids[skip:])
 
     def free(self, request_id: str) -> None:
         """Drop a request's swapped blocks (it finished or was aborted while swapped out)."""
@@ -95,6 +97,13 @@ class HostKVTier:
         self._cached[block_hash] = host_id
         self.stats.spilled_blocks += 1
         return KVBlockCopy(KVCopyDirection.SWAP_OUT, [device_block_id], [host_id])
+
+    def count_hits(self, hashes: list[BlockHash]) -> int:
+        """How many of the leading `hashes` are spilled here (changes nothing)."""
+        count = 0
+        while count < len(hashes) and hashes[count] in self._cached:
+            count += 1
+        return count
 
     def reserve_hits(self, hashes: list[BlockHash]) -> list[int]:
         """Host ids of the leading `hashes` spilled here, taken out of the LRU so that nothing planned

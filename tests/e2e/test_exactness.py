@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from distinfer import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from distinfer import LLM
+from tests.conftest import hf_greedy, llm_greedy
 
 MAX_NEW_TOKENS = 24
 LONG_DOC = "\n\n".join(inspect.getdoc(module) for module in (argparse, json, logging, re))
@@ -52,10 +52,6 @@ def oracle(hf_model, prompt_ids) -> list[list[int]]:
     return [hf_greedy(hf_model, ids, MAX_NEW_TOKENS) for ids in prompt_ids]
 
 
-def _generate(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
-    return [list(out.outputs[0].token_ids) for out in llm.generate(prompt_ids, params, use_tqdm=False)]
-
 
 def _assert_same(ours: list[list[int]], oracle: list[list[int]]) -> None:
     mismatched = [i for i, (a, b) in enumerate(zip(ours, oracle)) if a != b]
@@ -70,21 +66,21 @@ def test_at_least_16_prompts_of_mixed_length(prompt_ids):
 @pytest.mark.slow
 def test_default_config_matches_transformers(prompt_ids, oracle):
     llm = LLM(dtype="float32")
-    _assert_same(_generate(llm, prompt_ids), oracle)
+    _assert_same(llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS), oracle)
 
 
 @pytest.mark.slow
 def test_small_prefill_chunks_match_transformers(prompt_ids, oracle):
     llm = LLM(dtype="float32", max_num_batched_tokens=64, enable_prefix_caching=False)
-    _assert_same(_generate(llm, prompt_ids), oracle)
+    _assert_same(llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS), oracle)
 
 
 @pytest.mark.slow
 def test_prefix_cache_hits_match_transformers(prompt_ids, oracle):
     llm = LLM(dtype="float32", enable_prefix_caching=True)
-    first = _generate(llm, prompt_ids)
+    first = llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS)
     hits_after_first = llm.engine.get_stats().prefix_cache_hits
-    second = _generate(llm, prompt_ids)
+    second = llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS)
     stats = llm.engine.get_stats()
     assert hits_after_first > 0, "prompts sharing a long prefix should hit within the first run"
     assert stats.prefix_cache_hits - hits_after_first > sum(len(p) for p in prompt_ids) // 2
@@ -96,7 +92,7 @@ def test_prefix_cache_hits_match_transformers(prompt_ids, oracle):
 def test_preemption_under_small_kv_budget_matches_transformers(prompt_ids, oracle):
     # 140 blocks x 16 tokens hold one 2048-token sequence but nowhere near all prompts at once.
     llm = LLM(dtype="float32", max_model_len=2048, num_kv_blocks=140, enable_prefix_caching=False)
-    ours = _generate(llm, prompt_ids)
+    ours = llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS)
     assert llm.engine.get_stats().num_preemptions > 0
     _assert_same(ours, oracle)
     assert llm.engine.get_stats().num_free_blocks == 140, "every block is returned once all requests finish"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from distinfer import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, llm_greedy
 
 MAX_NEW_TOKENS = 16
 WORDS = inspect.getdoc(json).split()
@@ -27,10 +27,6 @@ def oracle(hf_model, prompt_ids) -> list[list[int]]:
     return [hf_greedy(hf_model, ids, MAX_NEW_TOKENS) for ids in prompt_ids]
 
 
-def _generate(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
-    return [list(out.outputs[0].token_ids) for out in llm.generate(prompt_ids, params, use_tqdm=False)]
-
 
 @pytest.mark.slow
 def test_swap_preemption_under_a_tiny_device_budget_matches_transformers(prompt_ids, oracle):
@@ -38,7 +34,7 @@ def test_swap_preemption_under_a_tiny_device_budget_matches_transformers(prompt_
     llm = LLM(dtype="float32", max_model_len=512, num_kv_blocks=48, kv_offloading_size=0.05,
               enable_prefix_caching=False)
     try:
-        ours = _generate(llm, prompt_ids)
+        ours = llm_greedy(llm, prompt_ids, MAX_NEW_TOKENS)
         host = llm.engine.scheduler.kv.host
         assert host.stats.swapped_out_blocks > 0, "the device budget was meant to force swaps"
         assert host.stats.swapped_in_blocks == host.stats.swapped_out_blocks  # every swapped request came back

@@ -10,9 +10,16 @@ def make(num_blocks=8, prefix=True, max_model_len=16):
     return KVCacheManager(num_blocks, BS, prefix, max_model_len)
 
 
+def lookup(kv, request_id, tokens):
+    """Admit a request with its cached prefix only; the number of tokens that prefix covers."""
+    prefix = kv.find_computed(request_id, tokens)
+    assert kv.admit(request_id, prefix, prefix.num_tokens) == []  # device hits only: no new blocks
+    return prefix.num_tokens
+
+
 def compute(kv, request_id, tokens):
     """Allocate and 'compute' every token of a request, registering its full blocks."""
-    hit = kv.get_computed_blocks(request_id, tokens)
+    hit = lookup(kv, request_id, tokens)
     assert kv.allocate_slots(request_id, len(tokens)) is not None
     kv.cache_blocks(request_id, tokens, len(tokens))
     return hit
@@ -38,7 +45,7 @@ def test_prefix_hit_shares_full_blocks_and_counts_tokens():
     kv = make()
     prompt = list(range(10))
     assert compute(kv, "a", prompt) == 0
-    hit = kv.get_computed_blocks("b", prompt[:8] + [99, 98, 97])
+    hit = lookup(kv, "b", prompt[:8] + [99, 98, 97])
     assert hit == 8
     assert kv.get_block_ids("b") == kv.get_block_ids("a")[:2]
     assert kv.pool.blocks[kv.get_block_ids("a")[0]].ref_cnt == 2
@@ -51,22 +58,22 @@ def test_prefix_hit_leaves_at_least_one_token_to_compute():
     kv = make()
     prompt = list(range(8))  # exactly two full blocks
     compute(kv, "a", prompt)
-    assert kv.get_computed_blocks("b", prompt) == 4  # not 8: the last token must be computed
+    assert lookup(kv, "b", prompt) == 4  # not 8: the last token must be computed
     kv.free("b")
-    assert kv.get_computed_blocks("c", prompt + [100]) == 8
+    assert lookup(kv, "c", prompt + [100]) == 8
 
 
 def test_partial_blocks_are_not_shared():
     kv = make()
     compute(kv, "a", list(range(10)))  # third block holds only 2 tokens
     assert kv.pool.num_cached_blocks == 2
-    assert kv.get_computed_blocks("b", list(range(12)) + [50]) == 8  # 10 tokens match, 8 shared
+    assert lookup(kv, "b", list(range(12)) + [50]) == 8  # 10 tokens match, 8 shared
 
 
 def test_cache_blocks_only_registers_computed_full_blocks():
     kv = make()
     tokens = list(range(12))
-    kv.get_computed_blocks("a", tokens)
+    lookup(kv, "a", tokens)
     kv.allocate_slots("a", 12)
     kv.cache_blocks("a", tokens, 6)  # one full block computed so far
     assert kv.pool.num_cached_blocks == 1
@@ -77,7 +84,7 @@ def test_cache_blocks_only_registers_computed_full_blocks():
 def test_prefix_caching_disabled_never_hits_or_counts():
     kv = make(prefix=False)
     compute(kv, "a", list(range(10)))
-    assert kv.get_computed_blocks("b", list(range(10))) == 0
+    assert lookup(kv, "b", list(range(10))) == 0
     assert kv.pool.num_cached_blocks == 0
     assert kv.prefix_cache_stats.queries == 0
 
@@ -90,14 +97,14 @@ def test_free_releases_everything_at_once_tail_first():
     assert kv.num_free_blocks == 4 and kv.usage == 0.0 and kv.get_block_ids("a") == []
     # Block 3 was never used; then the tail of "a" is evicted first, its head survives longest.
     assert kv.allocate_slots("b", 8) == [3, a_blocks[2]]
-    assert kv.get_computed_blocks("c", list(range(12))) == 8
+    assert lookup(kv, "c", list(range(12))) == 8
 
 
 def test_reset_prefix_cache_drops_hits():
     kv = make()
     compute(kv, "a", list(range(10)))
     kv.reset_prefix_cache()
-    assert kv.get_computed_blocks("b", list(range(10))) == 0
+    assert lookup(kv, "b", list(range(10))) == 0
 
 
 def test_budget_too_small_for_max_model_len_is_a_clear_error():
@@ -114,7 +121,7 @@ def test_lookup_on_a_request_holding_blocks_is_refused():
     kv = make()
     kv.allocate_slots("a", 4)
     with pytest.raises(ValueError, match="already holds blocks"):
-        kv.get_computed_blocks("a", [1, 2, 3, 4, 5])
+        lookup(kv, "a", [1, 2, 3, 4, 5])
 
 
 def test_free_with_uncache_drops_only_blocks_nobody_else_holds():
@@ -125,7 +132,7 @@ def test_free_with_uncache_drops_only_blocks_nobody_else_holds():
     compute(kv, "a", prompt)
     compute(kv, "b", prompt[:4] + [50, 51, 52, 53, 54])  # shares a's first block
     kv.free("a", uncache=True)
-    assert kv.get_computed_blocks("c", prompt) == 4  # a's second block is gone, the shared first stays
+    assert lookup(kv, "c", prompt) == 4  # a's second block is gone, the shared first stays
     kv.free("c")
     kv.free("b")
-    assert kv.get_computed_blocks("d", prompt[:4] + [50, 51, 52, 53, 54]) == 8  # b ended normally: cached
+    assert lookup(kv, "d", prompt[:4] + [50, 51, 52, 53, 54]) == 8  # b ended normally: cached

@@ -8,6 +8,7 @@ import pytest
 from distinfer.config import CacheConfig, SchedulerConfig
 from distinfer.engine.request import RequestStatus
 from distinfer.engine.scheduler import Scheduler
+from distinfer.kv.manager import KVCacheManager
 from distinfer.kv.offload import HostKVTier
 from distinfer.messages import FinishReason, KVCopyDirection
 from tests.unit.test_scheduler import BS, TOKEN, _two_running_requests, make_req, run_step
@@ -79,7 +80,9 @@ def test_host_blocks_freed_by_a_swap_in_are_reused_only_by_later_ops():
     space = HostKVTier(2)
     out_a = space.swap_out("a", [5, 6])
     assert not space.can_hold(1)
-    back = space.swap_in("a", [1, 2, 3])
+    with pytest.raises(ValueError, match="2 host blocks to copy need as many device blocks, got 3"):
+        space.swap_in("a", [1, 2, 3])
+    back = space.swap_in("a", [1, 2])
     assert back.device_block_ids == [1, 2] and back.host_block_ids == out_a.host_block_ids
     out_b = space.swap_out("b", [7])  # appended after the swap-in in the step's ops: ordered after it
     assert out_b.host_block_ids[0] in out_a.host_block_ids
@@ -134,3 +137,57 @@ def test_abort_right_after_swap_in_frees_every_block_of_both_tiers():
     sched.finish_requests("b", FinishReason.ABORT)  # aborted while its swap-in step runs
     assert sched.kv.num_free_blocks == 4 and sched.kv.host.num_free_blocks == 8
     assert not sched.requests and not sched.running and not sched.waiting
+
+
+def test_a_request_that_cannot_be_admitted_yet_plans_no_copy_and_counts_one_lookup():
+    sched = make_sched(num_blocks=6, prefix=True, max_model_len=24)
+    prompt = list(range(500, 509))  # two full blocks to cache
+    sched.add_request(make_req("first", prompt=prompt, max_tokens=1))
+    run_step(sched)
+    sched.add_request(make_req("hog", prompt_len=21, max_tokens=3))  # all 6 blocks: both cached ones evicted
+    so, _ = run_step(sched)
+    (spill,) = so.kv_ops  # the two spills of one allocation are one copy
+    assert spill.direction == KVCopyDirection.SWAP_OUT and len(spill.device_block_ids) == 2
+    sched.add_request(make_req("again", prompt=prompt, max_tokens=2))
+    before = sched.kv.prefix_cache_stats
+    for _ in range(2):  # "hog" decodes; "again" finds its prefix in the host tier but no device block is free
+        so, _ = run_step(sched)
+        assert so.kv_ops == [] and "again" not in so.num_scheduled_tokens
+    assert sched.kv.prefix_cache_stats == before and sched.kv.host.num_cached_blocks == 2
+    so, _ = run_step(sched)  # "hog" finished last step: "again" gets in, its prefix copied in once
+    spill, copy_in = so.kv_ops  # its blocks evict hog's cached ones first (spilled in one copy)
+    assert spill.direction == KVCopyDirection.SWAP_OUT and copy_in.direction == KVCopyDirection.SWAP_IN
+    assert copy_in.device_block_ids == sched.kv.get_block_ids("again")[:2]
+    after = sched.kv.prefix_cache_stats
+    assert (after.queries - before.queries, after.hits - before.hits, after.host_hits - before.host_hits) == (9, 8, 8)
+    assert so.num_scheduled_tokens == {"again": 1}
+
+
+def test_swap_in_copies_only_the_blocks_no_longer_cached_on_the_device():
+    sched = make_sched(prefix=True)
+    _two_running_requests(sched, a={"max_tokens": 3})
+    b_blocks = sched.kv.get_block_ids("b")
+    so, _ = run_step(sched)  # "b" swapped out; "a" takes one block: b's second (freed last-first) is evicted
+    out = next(op for op in so.kv_ops if op.direction == KVCopyDirection.SWAP_OUT
+               and op.device_block_ids[:2] == b_blocks)
+    so, _ = run_step(sched)  # "a" finished; "b" resumes: its first block is still cached on the device
+    (op_in,) = [op for op in so.kv_ops if op.direction == KVCopyDirection.SWAP_IN]
+    assert op_in.host_block_ids == out.host_block_ids[1:2]
+    table = sched.kv.get_block_ids("b")
+    assert table[0] == b_blocks[0] and op_in.device_block_ids == [table[1]]
+    assert so.num_scheduled_tokens == {"b": 1} and sched.requests["b"].num_computed_tokens == 9
+    assert sched.kv.host.stats.swapped_in_blocks == 1 and not sched.kv.host.holds("b")
+
+
+def test_merged_copies_keep_only_the_last_write_to_a_host_block():
+    kv = KVCacheManager(num_blocks=4, block_size=BS, enable_prefix_caching=True, max_model_len=16, num_host_blocks=1)
+    tokens = list(range(9))
+    prefix = kv.find_computed("a", tokens)
+    kv.admit("a", prefix, len(tokens))
+    kv.cache_blocks("a", tokens, len(tokens))
+    first, second = kv.get_block_ids("a")[:2]
+    kv.free("a")  # tail first: the second block is evicted before the first
+    kv.allocate_slots("b", 16)  # evicts both; the one host block takes the second, then the first
+    (op,) = kv.take_ops()
+    assert (op.device_block_ids, op.host_block_ids) == ([first], [0])
+    assert kv.find_computed("c", tokens).num_host_blocks == 1  # the first block is there, not the second
