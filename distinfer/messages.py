@@ -207,3 +207,6 @@ class EngineStats:
     kv_bytes_to_device: int = 0  # swapped in + host prefix hits
     num_swapped_preemptions: int = 0  # of num_preemptions: swapped out (the rest recomputed)
     num_recomputed_tokens: int = 0  # computed tokens given up by recompute preemptions
+    # load, for the router's dispatch
+    num_queued_tokens: int = 0  # tokens the waiting requests still have to compute
+    num_free_host_blocks: int = 0  # host blocks a swap-out could take now

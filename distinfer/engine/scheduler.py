@@ -142,6 +142,7 @@ class Scheduler:
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=self.num_preemptions,
+            num_queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.waiting),
             **self._host_stats(stats.host_hits),
         )
 
@@ -151,6 +152,7 @@ class Scheduler:
             return {"num_recomputed_tokens": self.num_recomputed_tokens}
         moved = host.stats
         return dict(host_kv_cache_usage=host.usage, num_host_blocks=host.num_blocks,
+                    num_free_host_blocks=host.num_free_blocks,
                     host_prefix_cache_hits=host_hit_tokens,
                     kv_bytes_to_host=(moved.swapped_out_blocks + moved.spilled_blocks) * self.kv_block_bytes,
                     kv_bytes_to_device=(moved.swapped_in_blocks + moved.hit_blocks) * self.kv_block_bytes,
