@@ -54,7 +54,9 @@ class NewRequestData:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     block_ids: list[int]
-    num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits)
+    num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits, or migrated)
+    output_token_ids: list[int] = field(default_factory=list)  # a migrated request's tokens so far
+    generator_state: bytes | None = None  # a migrated seeded request's sampler state (torch.Generator)
 
 
 @dataclass
@@ -210,3 +212,43 @@ class EngineStats:
     # load, for the router's dispatch
     num_queued_tokens: int = 0  # tokens the waiting requests still have to compute
     num_free_host_blocks: int = 0  # host blocks a swap-out could take now
+
+
+# ---------------------------------------------------------------- migration (between engine instances)
+
+
+@dataclass
+class OutputSnapshot:
+    """The output processor's state of one unfinished sequence: text so far and what the client has had."""
+
+    output_kind: str  # RequestOutputKind value
+    text: str
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    sent_tokens: int
+    sent_chars: int
+    sent_logprobs: int
+    metrics: RequestMetrics
+
+
+@dataclass
+class RequestSnapshot:
+    """Everything needed to resume a request on another engine instance (RequestSnapshot in the design):
+    taken between steps, from each owner of request state. Its KV blocks travel beside it (per rank)."""
+
+    request: EngineRequest  # as it entered: prompt, params, arrival, priority
+    output_token_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV the blocks hold
+    num_cached_tokens: int
+    num_preemptions: int
+    first_scheduled_time: float | None
+    generator_state: bytes | None  # the sampling rank's torch.Generator state (seeded requests)
+    output: OutputSnapshot
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids

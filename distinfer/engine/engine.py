@@ -11,12 +11,20 @@ from collections import deque
 from typing import Callable, Iterable
 
 from distinfer.config import DistInferConfig
+from distinfer.engine.migration import RequestMover
 from distinfer.engine.input_processor import InputProcessor, ModelLimits, PromptType
 from distinfer.engine.output_processor import OutputProcessor, RequestOutputKind
 from distinfer.engine.request import Request
 from distinfer.engine.scheduler import Scheduler
 from distinfer.executor.base import Executor
-from distinfer.messages import EngineRequest, EngineStats, FinishReason, ModelRunnerOutput, RequestOutput, SchedulerOutput
+from distinfer.messages import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    ModelRunnerOutput,
+    RequestOutput,
+    SchedulerOutput,
+)
 from distinfer.model.loader import load_hf_config, load_tokenizer
 from distinfer.sampling_params import SamplingParams
 
@@ -73,6 +81,7 @@ class LLMEngine:
         except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
             self.executor.shutdown()
             raise
+        self.mover = RequestMover(self)  # both ends of moving requests to/from other instances
         self.last_step = StepStats()
         self._in_flight: deque[tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]]] = deque()
         logger.info("engine ready: %d KV blocks, max_model_len %d", num_blocks, self.max_model_len)
@@ -136,6 +145,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Keep up to `max_concurrent_batches` steps in flight (pipeline stages), finish the oldest."""
         t0 = time.perf_counter()
+        self.mover.expire_reservations()
         self._fill_pipeline()
         t1 = time.perf_counter()
         scheduler_output, wait = self._in_flight.popleft()

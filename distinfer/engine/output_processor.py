@@ -26,6 +26,7 @@ from distinfer.messages import (
     EngineRequest,
     FinishReason,
     Logprob,
+    OutputSnapshot,
     RequestMetrics,
     RequestOutput,
     TokenLogprobs,
@@ -294,6 +295,47 @@ class OutputProcessor:
                 if self._children.pop(child.req_id, None) is not None:
                     internal.append(child.req_id)
         return internal
+
+    def check_movable(self, request_id: str) -> None:
+        """Raise unless the request is unfinished here and has one sequence (only those move)."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        if len(parent.children) != 1:
+            raise ValueError(f"request {request_id!r} has n={len(parent.children)} sequences; only n=1 moves")
+
+    def export_request(self, request_id: str) -> tuple[EngineRequest, OutputSnapshot]:
+        """Take an unfinished single-sequence request out (it moves to another instance)."""
+        self.check_movable(request_id)
+        parent = self._parents[request_id]
+        child = parent.children[0]
+        snapshot = OutputSnapshot(parent.kind.value, child.text, list(child.logprobs) if child.logprobs is not None
+                                  else None, child.cumulative_logprob, child.sent_tokens, child.sent_chars,
+                                  child.sent_logprobs, replace(parent.metrics))
+        self.abort_requests([request_id])
+        return parent.request, snapshot
+
+    def import_request(self, request: EngineRequest, token_ids: list[int], snapshot: OutputSnapshot) -> None:
+        """Go on with a request exported by another instance: its detokenizer is rebuilt by decoding its
+        tokens again (the same pieces), then the exported text and delivery counters take over."""
+        if request.request_id in self._parents:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.sampling_params.n != 1:
+            raise ValueError("only requests with n=1 move between instances")
+        child = self._new_child(request, 0)
+        for token_id in token_ids:
+            child.token_ids.append(token_id)
+            if child.detok is not None:
+                child.detok.decode_next(token_id)
+        child.text, child.logprobs, child.cumulative_logprob = snapshot.text, snapshot.logprobs, snapshot.cumulative_logprob
+        child.sent_tokens, child.sent_chars, child.sent_logprobs = snapshot.sent_tokens, snapshot.sent_chars, snapshot.sent_logprobs
+        parent = _ParentState(request, RequestOutputKind(snapshot.output_kind), [child])
+        parent.metrics = replace(snapshot.metrics)
+        self._parents[request.request_id] = parent
+        self._children[child.req_id] = (parent, child)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._parents
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)

@@ -58,6 +58,7 @@ class Request:
     # Tokens the workers already hold (prompt + outputs sent so far); 0: the workers never saw it.
     # Worker state survives preemption, so this is not reset then.
     num_synced_tokens: int = 0
+    generator_state: bytes | None = None  # a migrated request's sampler state, until the workers have it
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

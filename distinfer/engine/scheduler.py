@@ -288,7 +288,9 @@ class Scheduler:
             if not request.known_to_workers:
                 new_reqs.append(NewRequestData(
                     request_id, list(request.prompt_token_ids), request.sampling_params,
-                    self.kv.get_block_ids(request_id), request.num_computed_tokens))
+                    self.kv.get_block_ids(request_id), request.num_computed_tokens,
+                    list(request.output_token_ids), request.generator_state))
+                request.generator_state = None
             else:
                 resumed = request_id in step.resumed
                 block_ids = self.kv.get_block_ids(request_id) if resumed else step.new_block_ids[request_id]
@@ -307,6 +309,42 @@ class Scheduler:
             preempted_req_ids=preempted,
             kv_ops=self.kv.take_ops(),
         )
+
+    # ------------------------------------------------------------------ migration
+
+    def exportable_blocks(self, request_id: str) -> list[int]:
+        """The device blocks holding a request's computed tokens ([] when it holds none: waiting, or swapped
+        out). Refused while a step that writes them is in flight."""
+        request = self.requests[request_id]
+        if request_id in self._in_flight:
+            raise RuntimeError(f"request {request_id!r} is in a step that has not finished; export it after")
+        if request.status != RequestStatus.RUNNING:
+            return []
+        return self.kv.get_block_ids(request_id)[:-(-request.num_computed_tokens // self.block_size)]
+
+    def remove_request(self, request_id: str) -> Request:
+        """Take an unfinished request out (it moves to another instance): freed everywhere, no output."""
+        request = self.requests[request_id]
+        if request_id in self._in_flight:
+            raise RuntimeError(f"request {request_id!r} is in a step that has not finished; remove it after")
+        self._release(request)
+        return request
+
+    def import_request(self, request: Request, has_kv: bool) -> None:
+        """Take in a request from another instance. With KV (its blocks, filled, already held under its id by
+        the KV manager) it runs at once, ahead of the waiting queue; without, it waits at the front like a
+        preempted one and computes its tokens again."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already scheduled")
+        if has_kv:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+        else:
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self.policy.add_waiting(self.waiting, request, front=True)
+        request.num_synced_tokens = 0  # the workers here have never seen it
+        self.requests[request.request_id] = request
 
     # ------------------------------------------------------------------ update
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from distinfer.config import DistInferConfig
 from distinfer.errors import EngineDeadError, EngineDrainingError  # noqa: F401 (re-exported)
@@ -45,9 +45,10 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
     @abstractmethod
-    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Call the Worker method `method(*args)` on every rank; the results in rank order. A failing
-        rank fails the instance as a step would (Ray: EngineDeadError)."""
+    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None,
+                       rank_args: Sequence[tuple] | None = None) -> list[Any]:
+        """Call the Worker method `method(*args, *rank_args[rank])` on every rank; the results in rank order.
+        A failing rank fails the instance as a step would (Ray: EngineDeadError)."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

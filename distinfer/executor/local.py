@@ -1,7 +1,7 @@
 """LocalExecutor: the single-device path, one Worker in this process, no Ray."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from distinfer.config import DistInferConfig
 from distinfer.executor.base import Executor
@@ -34,9 +34,10 @@ class LocalExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
-    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None,
+                       rank_args: Sequence[tuple] | None = None) -> list[Any]:
         """In-process: `timeout` does not apply."""
-        return [getattr(self.worker, method)(*args)]
+        return [getattr(self.worker, method)(*args, *(rank_args[0] if rank_args else ()))]
 
     def last_step_timings(self) -> StepTimings:
         return self.worker.last_step_timings()

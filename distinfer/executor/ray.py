@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
@@ -224,9 +224,17 @@ class RayExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call_all("initialize_kv_cache", num_blocks, timeout=INIT_TIMEOUT_S)
 
-    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None,
+                       rank_args: Sequence[tuple] | None = None) -> list[Any]:
         """`timeout` defaults to step_timeout_s, like a step."""
-        return self._call_all("execute_method", method, *args, timeout=timeout)
+        if rank_args is None:
+            return self._call_all("execute_method", method, *args, timeout=timeout)
+        if len(rank_args) != len(self.workers):
+            raise ValueError(f"rank_args has {len(rank_args)} entries for {len(self.workers)} ranks")
+        if self._dead is not None:
+            raise self._dead
+        refs = [w.execute_method.remote(method, *args, *extra) for w, extra in zip(self.workers, rank_args)]
+        return self._wait_all(refs, method, timeout or self.config.scheduler.step_timeout_s)
 
     @property
     def max_concurrent_batches(self) -> int:

@@ -27,14 +27,18 @@ class CachedRequestState:
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> "CachedRequestState":
+        generator = make_generator(new.sampling_params.seed)
+        if generator is not None and new.generator_state is not None:  # a migrated request goes on drawing
+            generator.set_state(torch.frombuffer(bytearray(new.generator_state), dtype=torch.uint8))
         return cls(
             req_id=new.req_id,
             prompt_token_ids=list(new.prompt_token_ids),
             sampling_params=new.sampling_params,
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
-            generator=make_generator(new.sampling_params.seed),
-            token_ids=list(new.prompt_token_ids),
+            generator=generator,
+            output_token_ids=list(new.output_token_ids),
+            token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
         )
 
     def apply(self, diff: CachedRequestData) -> None:

@@ -9,6 +9,7 @@ import torch
 from distinfer.config import DistInferConfig
 from distinfer.distributed import parallel_state
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
+from distinfer.worker.kv_transfer import export_blocks, import_blocks
 from distinfer.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,21 @@ class Worker:
 
     def initialize_host_cache(self, num_host_blocks: int) -> None:
         self.runner.initialize_host_cache(num_host_blocks)
+
+    # ---- moving a request between instances (between steps; the executor orders these with the steps)
+
+    def export_kv_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+        return export_blocks(self.runner.kv_caches, block_ids)
+
+    def import_kv_blocks(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+        import_blocks(self.runner.kv_caches, block_ids, layers)
+
+    def sampler_state(self, req_id: str) -> bytes | None:
+        """The request's sampler generator state on the rank that samples (None elsewhere, or unseeded)."""
+        state = self.runner.batch.states.get(req_id)
+        if not self.runner.samples or state is None or state.generator is None:
+            return None
+        return state.generator.get_state().numpy().tobytes()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)

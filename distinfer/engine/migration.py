@@ -1,0 +1,172 @@
+"""Both ends of moving a running request between engine instances (live migration, prefill/decode
+hand-off), on one engine, between its steps. The caller (the router) drives the stages:
+
+    source                                   destination
+    export_blocks(rid, 0) -> kv, n1          reserve(rid, n1); import_blocks(rid, 0, kv)       stage 1
+    export_blocks(rid, n1) -> kv, n2         reserve(rid, n2); import_blocks(rid, n1, kv)      stage 2 ...
+    export_request(rid, nk) -> snapshot, kv  commit(snapshot, kv, nk)                          last stage
+    (the request is gone here)               (it runs here from the next step)
+
+While stages run the request keeps decoding on the source: a stage copies only full, computed blocks,
+which no step writes again. The last stage takes the rest (the partial block) with the request's state.
+A reservation never committed is freed by cancel() or, after `timeout_s`, by the engine's next step.
+KV moves as one export per rank (a CPU tensor per layer, see worker/kv_transfer.py): source and
+destination need the same tensor/pipeline parallel sizes and block size.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from distinfer.engine.request import Request
+from distinfer.messages import RequestSnapshot
+
+if TYPE_CHECKING:
+    from distinfer.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+KVExport = list[list]  # per rank: one CPU tensor [num_blocks, block_size, 2, Hkv, D] per layer
+
+
+@dataclass
+class _Reservation:
+    num_blocks: int
+    deadline: float  # time.monotonic()
+
+
+class RequestMover:
+    def __init__(self, engine: LLMEngine, timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.block_size = engine.config.cache.block_size
+        self.timeout_s = timeout_s
+        self._reservations: dict[str, _Reservation] = {}
+
+    @property
+    def _scheduler(self):
+        return self.engine.scheduler
+
+    # ------------------------------------------------------------ source
+
+    def export_blocks(self, request_id: str, first_block: int) -> tuple[KVExport, int]:
+        """The request's full, computed blocks from `first_block` on (it keeps running); and the index after
+        the last one exported (== first_block when there is nothing new, e.g. it is waiting or swapped)."""
+        self.engine.output_processor.check_movable(request_id)
+        request = self._scheduler.requests[request_id]
+        block_ids = self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size]
+        if len(block_ids) <= first_block:
+            return [], first_block
+        return self._export(block_ids[first_block:]), len(block_ids)
+
+    def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
+        """Take the request out of this instance: its snapshot and its computed blocks from `first_block` on
+        ([] when it holds none: then the destination computes its tokens again). It then no longer exists
+        here: no output, its blocks freed."""
+        self.engine.output_processor.check_movable(request_id)
+        request = self._scheduler.requests[request_id]
+        block_ids = self._scheduler.exportable_blocks(request_id)
+        kv = self._export(block_ids[first_block:]) if len(block_ids) > first_block else []
+        states = self.engine.executor.collective_rpc("sampler_state", request_id)
+        engine_request, output = self.engine.output_processor.export_request(request_id)
+        self._scheduler.remove_request(request_id)
+        num_computed = request.num_computed_tokens if block_ids else 0
+        return RequestSnapshot(engine_request, list(request.output_token_ids), num_computed,
+                               request.num_cached_tokens, request.num_preemptions, request.first_scheduled_time,
+                               next((s for s in states if s), None), output), kv
+
+    def _export(self, block_ids: list[int]) -> KVExport:
+        return self.engine.executor.collective_rpc("export_kv_blocks", block_ids)
+
+    # ------------------------------------------------------------ destination
+
+    def reserve(self, request_id: str, num_blocks: int) -> bool:
+        """Hold at least `num_blocks` device blocks for an incoming request (grows an earlier reservation).
+        False (nothing changed) when they are not free."""
+        if request_id in self._scheduler.requests or self.engine.output_processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use in this instance")
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if self._scheduler.kv.allocate_slots(request_id, num_blocks * self.block_size) is None:
+            return False
+        held = len(self._scheduler.kv.get_block_ids(request_id))
+        self._reservations[request_id] = _Reservation(held, time.monotonic() + self.timeout_s)
+        return True
+
+    def import_blocks(self, request_id: str, first_block: int, kv: KVExport) -> None:
+        """Write a stage's blocks into the reservation, at block index `first_block` on."""
+        reservation = self._reservations.get(request_id)
+        if reservation is None:
+            raise KeyError(f"no reservation for request {request_id!r} (never made, committed, or expired)")
+        num = self._check_kv(kv)
+        if first_block < 0 or first_block + num > reservation.num_blocks:
+            raise ValueError(f"blocks [{first_block}, {first_block + num}) are outside the reservation of "
+                             f"{reservation.num_blocks}")
+        if num:
+            block_ids = self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num]
+            self.engine.executor.collective_rpc("import_kv_blocks", block_ids, rank_args=[(layers,) for layers in kv])
+        reservation.deadline = time.monotonic() + self.timeout_s
+
+    def commit(self, snapshot: RequestSnapshot, kv: KVExport, first_block: int = 0) -> bool:
+        """Resume the request here from its snapshot: `kv` holds its blocks from `first_block` on, the earlier
+        ones came in stages (or none: then it computes its tokens again). False (nothing changed, a
+        reservation kept) when the blocks are not free."""
+        self._check_snapshot(snapshot)
+        request_id, num_kv = snapshot.request_id, self._check_kv(kv)
+        num_needed = -(-snapshot.num_computed_tokens // self.block_size)
+        if num_needed and first_block + num_kv < num_needed:
+            raise ValueError(f"KV blocks up to {first_block + num_kv} for {snapshot.num_computed_tokens} computed "
+                             f"tokens ({num_needed} blocks of {self.block_size})")
+        if not num_needed:
+            self.cancel(request_id)
+        elif not self.reserve(request_id, num_needed):
+            return False
+        else:
+            try:
+                self.import_blocks(request_id, first_block, kv)
+            except BaseException:
+                self.cancel(request_id)
+                raise
+            del self._reservations[request_id]  # the blocks are the request's now
+        self.engine.output_processor.import_request(snapshot.request, snapshot.output_token_ids, snapshot.output)
+        self._scheduler.import_request(_request_from(snapshot), has_kv=bool(num_needed))
+        return True
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a reservation (the migration was aborted); no-op when there is none."""
+        if self._reservations.pop(request_id, None) is not None:
+            self._scheduler.kv.free(request_id)
+
+    def expire_reservations(self) -> None:
+        now = time.monotonic()
+        for request_id in [r for r, res in self._reservations.items() if res.deadline < now]:
+            logger.warning("migration reservation for request %s expired: its blocks are freed", request_id)
+            self.cancel(request_id)
+
+    def _check_snapshot(self, snapshot: RequestSnapshot) -> None:
+        engine = self.engine
+        if snapshot.request_id in self._scheduler.requests or engine.output_processor.has_request(snapshot.request_id):
+            raise ValueError(f"request id {snapshot.request_id!r} is already in use in this instance")
+        if len(snapshot.all_token_ids) >= engine.max_model_len:
+            raise ValueError(f"request {snapshot.request_id!r} has {len(snapshot.all_token_ids)} tokens; this "
+                             f"instance's max_model_len is {engine.max_model_len}")
+
+    def _check_kv(self, kv: KVExport) -> int:
+        """The number of blocks in an export, checked against this instance's rank count."""
+        if not kv:
+            return 0
+        world = self.engine.config.parallel.world_size
+        if len(kv) != world:
+            raise ValueError(f"KV from {len(kv)} ranks for an instance of {world}: source and destination must "
+                             f"have the same tensor/pipeline parallel sizes")
+        return kv[0][0].shape[0] if kv[0] else 0
+
+
+def _request_from(snapshot: RequestSnapshot) -> Request:
+    request = Request.from_engine_request(snapshot.request)
+    request.output_token_ids = list(snapshot.output_token_ids)
+    request.num_computed_tokens = snapshot.num_computed_tokens
+    request.num_cached_tokens, request.num_preemptions = snapshot.num_cached_tokens, snapshot.num_preemptions
+    request.first_scheduled_time, request.generator_state = snapshot.first_scheduled_time, snapshot.generator_state
+    return request
