@@ -25,3 +25,15 @@ class RequestFailedError(RuntimeError):
         super().__init__(f"request {request_id} failed: {reason}")
         self.request_id = request_id
         self.reason = reason
+
+    def __reduce__(self) -> tuple:  # pickles with its own arguments (it crosses Ray actors)
+        return type(self), (self.request_id, self.reason)
+
+
+class RequestMovedError(RuntimeError):
+    """The request left this engine instance for another (live migration): its stream here ends with this
+    and goes on from the other instance. Raised to the router, never to a client."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} moved to another instance")
+        self.request_id = request_id

@@ -12,6 +12,7 @@ longer than `step_timeout_s` (a hung forward or collective) and fails every requ
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -24,8 +25,14 @@ from distinfer.engine.engine import LLMEngine
 from distinfer.engine.input_processor import PromptType
 from distinfer.engine.llm import build_config
 from distinfer.engine.output_processor import RequestOutputKind
-from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestFailedError
-from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, FinishReason, RequestOutput
+from distinfer.errors import (
+    EngineDeadError,
+    EngineDrainingError,
+    QueueFullError,
+    RequestFailedError,
+    RequestMovedError,
+)
+from distinfer.messages import CompletionOutput, EngineRequest, EngineStats, FinishReason, RequestOutput, RequestSnapshot
 from distinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -108,11 +115,16 @@ class AsyncLLM:
         """Stream outputs; cancelling the iteration (or the task) aborts the request. A request that
         fails inside the engine raises RequestFailedError (its message is safe to show a client)."""
         stream = await self._submit(prompt, sampling_params, request_id, priority, output_kind)
+        async for item in self._iterate(stream, request_id):
+            yield item
+
+    async def _iterate(self, stream: _Stream, request_id: str) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = isinstance(item, RequestMovedError)  # nothing is left here to abort
                     raise item
                 finished = item.finished
                 yield item
@@ -121,6 +133,51 @@ class AsyncLLM:
         finally:
             if not finished:
                 self._send_abort([request_id], notify=False)
+
+    # ------------------------------------------------------------ moving requests (the router drives these)
+
+    async def call_between_steps(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) on the step-loop thread between two steps; its result (or exception) comes back."""
+        self._check_alive()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    async def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, list]:
+        """The last migration stage on the source (engine.mover.export_request): the request's stream here
+        ends with RequestMovedError after every output it produced here."""
+        def take(engine: LLMEngine) -> tuple[RequestSnapshot, list]:
+            result = engine.mover.export_request(request_id, first_block)
+            with self._lock:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(RequestMovedError(request_id))
+            return result
+        return await self.call_between_steps(take)
+
+    async def import_request(self, snapshot: RequestSnapshot, kv: list,
+                             first_block: int = 0) -> AsyncIterator[RequestOutput] | None:
+        """The last migration stage on the destination (engine.mover.commit): the request's stream from
+        here on, or None (nothing changed) when its blocks are not free."""
+        request_id = snapshot.request_id
+        with self._lock:
+            self._check_alive()
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), snapshot.request)
+            self._streams[request_id] = stream
+        try:
+            committed = await self.call_between_steps(lambda engine: engine.mover.commit(snapshot, kv, first_block))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        if not committed:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            return None
+        return self._iterate(stream, request_id)
 
     async def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
         self._check_accepting()
@@ -142,6 +199,12 @@ class AsyncLLM:
         self._inbox.put(("add", request, output_kind))
         self._wake.set()
         return stream
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None:
+            raise self.dead_error
+        if self._stopped:
+            raise EngineDrainingError("engine is shut down")
 
     def _check_accepting(self) -> None:
         if self.dead_error is not None:
@@ -229,7 +292,9 @@ class AsyncLLM:
                 command, payload, kind = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if command == "add":
+            if command == "call":
+                self._call(payload, kind)
+            elif command == "add":
                 with self._lock:
                     live = payload.request_id in self._streams
                 if live:  # not aborted before it arrived
@@ -237,6 +302,16 @@ class AsyncLLM:
             else:
                 self.engine.abort_request(payload)
                 self._notify([], payload)
+
+    def _call(self, fn: Callable[[LLMEngine], Any], future: concurrent.futures.Future) -> None:
+        """A call from call_between_steps: its exception goes to the caller, not the loop (a refused
+        migration is not an engine failure; a dead worker shows on the next step)."""
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except BaseException as exc:
+            future.set_exception(exc)
 
     def _add(self, request: EngineRequest, kind: RequestOutputKind) -> None:
         """A request the engine refuses (or fails to queue) fails alone; the loop goes on."""

@@ -152,3 +152,39 @@ def test_greedy_on_the_real_model_matches_transformers_wherever_it_moves(hf_mode
     finally:
         for llm in pair:
             llm.shutdown()
+
+
+async def test_async_engines_hand_a_live_stream_over_without_gap_or_duplicate(tmp_path_factory, default_model_dir):
+    """AsyncLLM: pre-copy stages while the request streams from the source, then the last stage; the source's
+    stream ends with RequestMovedError after its last output, the destination's picks up from there."""
+    from distinfer.engine.async_llm import AsyncLLM
+    from distinfer.errors import RequestMovedError
+
+    path = save_tiny_llama(str(tmp_path_factory.mktemp("tiny-async-migration")), default_model_dir, **TINY)
+    src, dst = (AsyncLLM(path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64, block_size=8,
+                         enable_prefix_caching=False)  # "live" computes its prompt as "ref" did: same bits
+                for _ in range(2))
+    try:
+        params = SamplingParams(temperature=0.8, seed=99, max_tokens=40, logprobs=2, ignore_eos=True)
+        prompt = {"prompt_token_ids": list(range(700, 760))}
+        expected = _stream([out async for out in src.generate(prompt, params.clone(), "ref")])
+        received: list[RequestOutput] = []
+        stream = src.generate(prompt, params.clone(), "live")
+        received.append(await anext(stream))  # the first token: the request is decoding on the source
+        kv, sent = await src.call_between_steps(lambda e: e.mover.export_blocks("live", 0))
+        assert sent > 0 and await dst.call_between_steps(lambda e: e.mover.reserve("live", sent))
+        await dst.call_between_steps(lambda e: e.mover.import_blocks("live", 0, kv))
+        snapshot, rest = await src.export_request("live", sent)
+        with pytest.raises(RequestMovedError):
+            async for out in stream:  # what the source produced before the last stage
+                received.append(out)
+        moved = await dst.import_request(snapshot, rest, sent)
+        assert moved is not None
+        received += [out async for out in moved]
+        assert _stream(received) == expected and received[-1].finished
+        for engine in (src, dst):
+            stats = engine.get_stats()
+            assert stats.num_free_blocks == stats.num_total_blocks and engine.num_pending_requests == 0
+    finally:
+        src.shutdown()
+        dst.shutdown()
