@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "distinfer.engine.llm",
     "AsyncLLM": "distinfer.engine.async_llm",
+    "RouterEngine": "distinfer.router.client",
     "SamplingParams": "distinfer.sampling_params",
     "RequestOutput": "distinfer.messages",
     "CompletionOutput": "distinfer.messages",

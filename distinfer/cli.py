@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import sys
 
+from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, dispatch_policy_names
 from distinfer.sampling_params import SamplingParams
 from distinfer.serving.limits import ServerLimits
 
@@ -168,6 +169,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=25.0,
                         help="seconds the whole shutdown may take (fit it inside the pod's termination grace period); "
                              "requests still running then are cut with a retryable error")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="engine instances behind a router, each with the engine arguments below (its own "
+                             "tp x pp workers and KV cache); 1 (default) serves one engine in this process")
+    parser.add_argument("--dispatch-policy", default=None, choices=dispatch_policy_names(),
+                        help=f"how the router places new requests (needs --instances > 1; default "
+                             f"{DEFAULT_DISPATCH_POLICY}): least_load (lowest virtual KV usage) or round_robin")
     for f in dataclasses.fields(ServerLimits):
         kind = float if f.name.endswith("_s") else int
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
@@ -194,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
             grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=api_key, tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, limits=server_limits(args),
-            log_level=args.log_level.lower())
+            log_level=args.log_level.lower(), num_instances=args.instances, dispatch_policy=args.dispatch_policy)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Ray Serve application: one deployment whose replicas each host an AsyncLLM.
+"""Ray Serve application: one deployment whose replicas each host an AsyncLLM (or, with `num_instances`
+> 1, a RouterEngine over that many engine instances, see distinfer/router).
 
 `serve run deploy/serve_config.yaml` (or a KubeRay RayService's `serveConfigV2`) imports
 `distinfer.serving.ray_serve:app_builder` with the YAML's `args` (ServeAppArgs). Each replica:
@@ -6,6 +7,9 @@
 - reserves a placement group: bundle 0 for the replica itself, then one bundle per TP x PP worker
   rank; the engine's RayExecutor places its workers in those bundles (it uses the current
   placement group when there is one) instead of reserving a second group;
+- or, with `num_instances` > 1, reserves only its own CPU and starts a Router actor and that many
+  EngineInstance actors outside its group (owned by the replica, they end with it), each instance
+  reserving its own resources;
 - answers the OpenAI HTTP API (the same FastAPI app as `distinfer serve`, built on the replica once
   the engine exists) through Serve's HTTP proxy;
 - answers distinfer.v1.InferenceService through Serve's gRPC proxy (`grpc_options` in the YAML):
@@ -20,16 +24,15 @@ import logging
 from typing import Any, AsyncIterator, Literal
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from distinfer.engine.async_llm import AsyncLLM
 from distinfer.serving.auth import api_key_problem, resolve_api_key
 from distinfer.serving.grpc_auth import authorization_value
 from distinfer.serving.metrics import EngineMetrics
 from distinfer.serving.openai_http import build_app
-from distinfer.serving.server import DEFAULT_MODEL_NAME
+from distinfer.serving.server import DEFAULT_MODEL_NAME, check_instances, make_engine
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,15 @@ class ServeAppArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the Ray cluster has GPUs
     api_key: str | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other AsyncLLM keyword
+    # > 1: the replica hosts a RouterEngine over that many engine instances (each a full model copy with
+    # its own tp x pp workers), placed by `dispatch_policy` (default least_load; only with num_instances > 1)
+    num_instances: int = Field(1, ge=1)
+    dispatch_policy: str | None = None
+
+    @model_validator(mode="after")
+    def _check_instances(self) -> "ServeAppArgs":
+        check_instances(self.num_instances, self.dispatch_policy)
+        return self
 
     @property
     def world_size(self) -> int:
@@ -80,8 +92,10 @@ def _local_gpu_count() -> int:
 def placement_bundles(args: ServeAppArgs) -> list[dict[str, float]] | None:
     """Bundle 0: the replica (engine, step loop, HTTP/gRPC adapters); then one per worker rank, each
     with a GPU on CUDA. World size 1 runs the model inside the replica (which then reserves the GPU
-    itself, see replica_actor_options): no group needed."""
-    if args.world_size == 1:
+    itself, see replica_actor_options): no group needed. Several instances: no group either; the router
+    and its instances are actors outside the replica, and each instance reserves its own resources (a
+    GPU for a one-rank instance on CUDA, else a placement group of its ranks)."""
+    if args.world_size == 1 or args.num_instances > 1:
         return None
     worker = {"CPU": 1.0, "GPU": 1.0} if resolve_serve_device(args.device) == "cuda" else {"CPU": 1.0}
     return [{"CPU": 1.0}] + [dict(worker) for _ in range(args.world_size)]
@@ -89,7 +103,7 @@ def placement_bundles(args: ServeAppArgs) -> list[dict[str, float]] | None:
 
 def replica_actor_options(args: ServeAppArgs) -> dict[str, float]:
     """The replica actor's own resources: a GPU when it hosts the model itself (world size 1 on CUDA)."""
-    gpu = args.world_size == 1 and resolve_serve_device(args.device) == "cuda"
+    gpu = args.world_size == 1 and args.num_instances == 1 and resolve_serve_device(args.device) == "cuda"
     return {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
 
 
@@ -135,7 +149,8 @@ class _ServeGrpcContext:
 )
 @serve.ingress()
 class DistInferDeployment:
-    """One model replica: AsyncLLM + the OpenAI app (HTTP ingress) + InferenceService methods (gRPC)."""
+    """One model replica: AsyncLLM (or RouterEngine) + the OpenAI app (HTTP ingress) + InferenceService
+    methods (gRPC)."""
 
     async def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeAppArgs.model_validate(args)
@@ -143,10 +158,11 @@ class DistInferDeployment:
         kwargs = dict(a.engine_kwargs, tensor_parallel_size=a.tensor_parallel_size,
                       pipeline_parallel_size=a.pipeline_parallel_size, device=a.device)
         self.api_key = resolve_api_key(a.api_key)  # or $DISTINFER_API_KEY / $DISTINFER_API_KEY_FILE
-        self.engine = await asyncio.to_thread(AsyncLLM, a.model, **kwargs)
+        self.engine = await asyncio.to_thread(make_engine, a.model, kwargs, a.num_instances, a.dispatch_policy)
         self.metrics = EngineMetrics.attach(self.engine, a.model_name)
         self._grpc = self._grpc_servicer()
-        logger.info("replica ready: %s (tp=%d, pp=%d)", a.model_name, a.tensor_parallel_size, a.pipeline_parallel_size)
+        logger.info("replica ready: %s (tp=%d, pp=%d, %d instance(s))", a.model_name, a.tensor_parallel_size,
+                    a.pipeline_parallel_size, a.num_instances)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_app(self.engine, self.args.model_name, self.api_key, self.metrics)

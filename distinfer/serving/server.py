@@ -1,6 +1,6 @@
-"""The serving process: one AsyncLLM behind the OpenAI HTTP API (uvicorn) and the gRPC API, in one
-asyncio loop. `run_server` is what `distinfer serve` runs; `ServerThread` runs the same thing on a
-background thread (tests, benchmarks).
+"""The serving process: one AsyncLLM (or, with `--instances N`, a RouterEngine over N engine instances)
+behind the OpenAI HTTP API (uvicorn) and the gRPC API, in one asyncio loop. `run_server` is what
+`distinfer serve` runs; `ServerThread` runs the same thing on a background thread (tests, benchmarks).
 
 Shutdown (SIGINT/SIGTERM, or `stop()`) fits in `drain_timeout_s` in all, so that it ends inside a
 Kubernetes grace period: the engine drains first (new requests get 503 / UNAVAILABLE with a retry hint,
@@ -27,6 +27,7 @@ import uvicorn
 
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.errors import EngineDrainingError
+from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, check_dispatch_policy
 from distinfer.serving.http_guard import HeaderLimitedH11Protocol
 from distinfer.serving.limits import ServerLimits
 from distinfer.serving.metrics import EngineMetrics
@@ -57,16 +58,41 @@ class ServeOptions:
     drain_timeout_s: float = 25.0  # the whole shutdown: drain, cut what is left, close the listeners
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "warning"
+    num_instances: int = 1  # > 1: that many engine instances behind a router (distinfer.router)
+    dispatch_policy: str | None = None  # the router's; only with num_instances > 1 (default least_load)
 
     def __post_init__(self) -> None:
         if not self.drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+        check_instances(self.num_instances, self.dispatch_policy)
 
     @property
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
         return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else DEFAULT_MODEL_NAME
+
+
+def check_instances(num_instances: int, dispatch_policy: str | None) -> None:
+    """--instances / --dispatch-policy (and the Serve app's num_instances / dispatch_policy)."""
+    if isinstance(num_instances, bool) or not isinstance(num_instances, int) or num_instances < 1:
+        raise ValueError(f"the number of instances (--instances, num_instances) must be an integer >= 1, "
+                         f"got {num_instances!r}")
+    if dispatch_policy is not None:
+        if num_instances == 1:
+            raise ValueError("a dispatch policy needs more than one instance (--instances / num_instances > 1)")
+        check_dispatch_policy(dispatch_policy)
+
+
+def make_engine(model: str | None, engine_kwargs: dict[str, Any], num_instances: int = 1,
+                dispatch_policy: str | None = None) -> Any:
+    """One instance: an AsyncLLM in this process. More: a RouterEngine over that many instances."""
+    if num_instances == 1:
+        return AsyncLLM(model, **engine_kwargs)
+    from distinfer.router.client import RouterEngine  # Ray is imported only here
+
+    return RouterEngine(model, num_instances=num_instances, dispatch_policy=dispatch_policy or DEFAULT_DISPATCH_POLICY,
+                        **engine_kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -222,7 +248,8 @@ async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer]
     if handle_signals:
         _install_signal_handlers(loop, stop)
     logger.info("loading %s", options.model or "the default model")
-    engine = await asyncio.to_thread(AsyncLLM, options.model, **options.engine_kwargs)
+    engine = await asyncio.to_thread(make_engine, options.model, options.engine_kwargs, options.num_instances,
+                                     options.dispatch_policy)
     if handle_signals:
         # Again: starting Ray installs abseil's failure-signal handler over ours for SIGTERM, which
         # aborts the process (SIGABRT, exit 134) 3 s after the signal, in the middle of the drain.

@@ -1,0 +1,97 @@
+"""EngineInstance: one engine (an AsyncLLM, with its own tp x pp workers and KV tiers) in its own Ray
+actor process, with an instance id.
+
+The actor is async: its methods run on one event loop next to the AsyncLLM step-loop thread, so a
+stream, an abort and a load report never wait for one another. Requests arrive tokenized and validated
+(an `EngineRequest` made by the front end's own tokenizer; the tokenizer never crosses processes), and
+each streams its `RequestOutput` deltas back as a Ray streaming generator. A tp/pp > 1 instance runs its
+ranks with the engine's Ray executor, in a placement group of its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator
+
+from distinfer.config import DistInferConfig
+from distinfer.engine.async_llm import AsyncLLM
+from distinfer.engine.output_processor import RequestOutputKind
+from distinfer.messages import EngineRequest, EngineStats, RequestOutput
+from distinfer.router.stats import InstanceLoad
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceInfo:
+    """What the router and its front ends need to know of the model an instance serves."""
+
+    instance_id: str
+    config: DistInferConfig  # as resolved inside the instance (device, dtype)
+    hf_config: Any  # transformers PretrainedConfig
+    max_model_len: int
+    eos_token_ids: list[int]
+    max_pending_requests: int
+    pid: int
+
+
+class EngineInstance:
+    """The actor body: `ray.remote(EngineInstance).options(...).remote(instance_id, model, engine_kwargs)`."""
+
+    def __init__(self, instance_id: str, model: str | None, engine_kwargs: dict[str, Any]) -> None:
+        logging.getLogger("distinfer").setLevel(logging.INFO)
+        self.instance_id = instance_id
+        self.start_error: Exception | None = None
+        try:
+            self.engine = AsyncLLM(model, **engine_kwargs)
+        except Exception as exc:  # kept for info(): the router raises the engine's own error, not Ray's
+            logger.exception("engine instance %s failed to start", instance_id)
+            self.start_error = exc
+            return
+        logger.info("engine instance %s ready (pid %d)", instance_id, os.getpid())
+
+    def info(self) -> InstanceInfo:
+        """The model's limits and config; raises the engine's start-up error if it failed to start."""
+        if self.start_error is not None:
+            raise self.start_error
+        core = self.engine.engine
+        return InstanceInfo(self.instance_id, core.config, core.hf_config, core.max_model_len,
+                            list(core.input_processor.limits.eos_token_ids), self.engine.max_pending_requests,
+                            os.getpid())
+
+    async def generate(self, request: EngineRequest,
+                       output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs (called with num_returns="streaming"). The prompt is not sent back
+        with every delta: outputs carry `prompt=None, prompt_token_ids=[]` and the caller restores them.
+        Refusals and failures raise (QueueFullError, EngineDrainingError, EngineDeadError, ValueError,
+        RequestFailedError); cancelling the stream aborts the request, as `abort` does."""
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        outputs = self.engine.generate(prompt, request.sampling_params, request.request_id,
+                                       priority=request.priority, output_kind=output_kind)
+        async for output in outputs:
+            yield replace(output, prompt=None, prompt_token_ids=[])
+
+    async def abort(self, request_ids: list[str]) -> None:
+        """End these requests (each stream gets a final "abort" output) and free their KV blocks."""
+        await self.engine.abort(request_ids)
+
+    async def load(self) -> InstanceLoad:
+        """This instance's load, read on the step-loop thread between two steps: after every request this
+        instance received before the call (they are queued ahead of it), so a report covers each
+        request dispatched before it was asked for. Raises EngineDeadError when the engine has died."""
+        stats: EngineStats = await self.engine.call_between_steps(lambda engine: engine.get_stats())
+        return InstanceLoad.from_stats(self.instance_id, stats, self.engine.engine.config.cache.block_size,
+                                       self.engine.is_draining)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, and wait (up to timeout_s) for the ones in flight to finish."""
+        await self.engine.drain(timeout_s)
+
+    def num_pending_requests(self) -> int:
+        return self.engine.num_pending_requests
+
+    async def shutdown(self) -> None:
+        """Stop the step loop and release the workers (off the actor's event loop: it joins a thread)."""
+        await asyncio.to_thread(self.engine.shutdown)
