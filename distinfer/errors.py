@@ -37,3 +37,6 @@ class RequestMovedError(RuntimeError):
     def __init__(self, request_id: str) -> None:
         super().__init__(f"request {request_id} moved to another instance")
         self.request_id = request_id
+
+    def __reduce__(self):  # crosses Ray from an instance to the router
+        return (type(self), (self.request_id,))

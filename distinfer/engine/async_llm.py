@@ -144,17 +144,25 @@ class AsyncLLM:
         self._wake.set()
         return await asyncio.wrap_future(future)
 
-    async def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, list]:
-        """The last migration stage on the source (engine.mover.export_request): the request's stream here
-        ends with RequestMovedError after every output it produced here."""
-        def take(engine: LLMEngine) -> tuple[RequestSnapshot, list]:
-            result = engine.mover.export_request(request_id, first_block)
+    async def pause_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, list]:
+        """The last migration stage on the source (engine.mover.pause): no more steps for the request; its
+        snapshot and its KV blocks from `first_block` on. Then release_request or resume_request."""
+        return await self.call_between_steps(lambda engine: engine.mover.pause(request_id, first_block))
+
+    async def resume_request(self, request_id: str) -> None:
+        await self.call_between_steps(lambda engine: engine.mover.resume(request_id))
+
+    async def release_request(self, request_id: str) -> None:
+        """The request committed on another instance: it leaves this one, and its stream here ends with
+        RequestMovedError after every output it produced here. KeyError when it is no longer paused here
+        (it was aborted meanwhile)."""
+        def release(engine: LLMEngine) -> None:
+            engine.mover.release(request_id)
             with self._lock:
                 stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(RequestMovedError(request_id))
-            return result
-        return await self.call_between_steps(take)
+        await self.call_between_steps(release)
 
     async def import_request(self, snapshot: RequestSnapshot, kv: list,
                              first_block: int = 0) -> AsyncIterator[RequestOutput] | None:

@@ -131,8 +131,8 @@ class LLMEngine:
         self.scheduler.finish_requests(internal_ids, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
-        return (self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
-                or bool(self._in_flight))
+        return (self.scheduler.has_unfinished_requests() or bool(self._in_flight)
+                or self.output_processor.get_num_unfinished_requests() > self.scheduler.num_paused)
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests()

@@ -60,21 +60,42 @@ class RequestMover:
             return [], first_block
         return self._export(block_ids[first_block:]), len(block_ids)
 
-    def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
-        """Take the request out of this instance: its snapshot and its computed blocks from `first_block` on
-        ([] when it holds none: then the destination computes its tokens again). It then no longer exists
-        here: no output, its blocks freed."""
+    def pause(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
+        """The last stage on the source: stop scheduling the request (it keeps its blocks and its place) and
+        take its snapshot and its computed blocks from `first_block` on ([] when it holds none: then the
+        destination computes its tokens again). Then `release` it (committed elsewhere) or `resume` it."""
         self.engine.output_processor.check_movable(request_id)
         request = self._scheduler.requests[request_id]
         block_ids = self._scheduler.exportable_blocks(request_id)
-        kv = self._export(block_ids[first_block:]) if len(block_ids) > first_block else []
-        states = self.engine.executor.collective_rpc("sampler_state", request_id)
-        engine_request, output = self.engine.output_processor.export_request(request_id)
-        self._scheduler.remove_request(request_id)
+        self._scheduler.pause(request_id)
+        try:
+            kv = self._export(block_ids[first_block:]) if len(block_ids) > first_block else []
+            states = self.engine.executor.collective_rpc("sampler_state", request_id)
+        except BaseException:
+            self._scheduler.resume(request_id)
+            raise
+        engine_request, output = self.engine.output_processor.snapshot(request_id)
         num_computed = request.num_computed_tokens if block_ids else 0
         return RequestSnapshot(engine_request, list(request.output_token_ids), num_computed,
                                request.num_cached_tokens, request.num_preemptions, request.first_scheduled_time,
                                next((s for s in states if s), None), output), kv
+
+    def resume(self, request_id: str) -> None:
+        """The move failed: the paused request goes on here as if nothing happened (no-op if it is gone)."""
+        self._scheduler.resume(request_id)
+
+    def release(self, request_id: str) -> None:
+        """The move committed elsewhere: the paused request leaves this instance (no output, blocks freed)."""
+        if not self._scheduler.is_paused(request_id):
+            raise KeyError(f"request {request_id!r} is not paused for a move here (finished or aborted meanwhile)")
+        self.engine.output_processor.abort_requests([request_id])
+        self._scheduler.remove_request(request_id)
+
+    def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
+        """pause + release: take the request out of this instance with its snapshot and KV."""
+        result = self.pause(request_id, first_block)
+        self.release(request_id)
+        return result
 
     def _export(self, block_ids: list[int]) -> KVExport:
         return self.engine.executor.collective_rpc("export_kv_blocks", block_ids)

@@ -304,15 +304,14 @@ class OutputProcessor:
         if len(parent.children) != 1:
             raise ValueError(f"request {request_id!r} has n={len(parent.children)} sequences; only n=1 moves")
 
-    def export_request(self, request_id: str) -> tuple[EngineRequest, OutputSnapshot]:
-        """Take an unfinished single-sequence request out (it moves to another instance)."""
+    def snapshot(self, request_id: str) -> tuple[EngineRequest, OutputSnapshot]:
+        """The state of an unfinished single-sequence request, to resume it on another instance."""
         self.check_movable(request_id)
         parent = self._parents[request_id]
         child = parent.children[0]
         snapshot = OutputSnapshot(parent.kind.value, child.text, list(child.logprobs) if child.logprobs is not None
                                   else None, child.cumulative_logprob, child.sent_tokens, child.sent_chars,
                                   child.sent_logprobs, replace(parent.metrics))
-        self.abort_requests([request_id])
         return parent.request, snapshot
 
     def import_request(self, request: EngineRequest, token_ids: list[int], snapshot: OutputSnapshot) -> None:

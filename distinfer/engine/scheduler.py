@@ -82,6 +82,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()  # to report in the next SchedulerOutput
         self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
+        self._paused: set[str] = set()  # running but not scheduled: in the last stage of a move
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # computed tokens given up by recompute preemptions
         self.num_swapped_preemptions = 0
@@ -122,7 +123,12 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Anything to schedule (a request paused for a move is not: the loop may sleep)."""
+        return bool(self.waiting) or len(self.running) > len(self._paused)
+
+    @property
+    def num_paused(self) -> int:
+        return len(self._paused)
 
     def has_finished_requests(self) -> bool:
         """Finished ids not yet reported to the workers (an empty step still carries them)."""
@@ -177,8 +183,9 @@ class Scheduler:
         for request in list(self.running):
             if step.budget <= 0 or len(step.num_scheduled) >= share:
                 break
-            if request.status != RequestStatus.RUNNING or request.request_id in self._in_flight:
-                continue  # preempted earlier in this step, or its previous step is still running
+            if (request.status != RequestStatus.RUNNING or request.request_id in self._in_flight
+                    or request.request_id in self._paused):
+                continue  # preempted earlier in this step, its previous step is still running, or moving
             num_new = self._num_new_tokens(request, step.budget)
             if num_new <= 0:
                 continue
@@ -257,7 +264,7 @@ class Scheduler:
         return True
 
     def _pick_victim(self) -> Request | None:
-        candidates = [r for r in self.running if r.request_id not in self._in_flight]
+        candidates = [r for r in self.running if r.request_id not in self._in_flight and r.request_id not in self._paused]
         return self.policy.pick_victim(candidates) if candidates else None
 
     def _preempt(self, victim: Request, step: _StepState) -> None:
@@ -321,6 +328,18 @@ class Scheduler:
         if request.status != RequestStatus.RUNNING:
             return []
         return self.kv.get_block_ids(request_id)[:-(-request.num_computed_tokens // self.block_size)]
+
+    def pause(self, request_id: str) -> None:
+        """Keep a request (its blocks, its place) but schedule nothing for it and never preempt it."""
+        if request_id in self._in_flight:
+            raise RuntimeError(f"request {request_id!r} is in a step that has not finished; pause it after")
+        self._paused.add(request_id)
+
+    def resume(self, request_id: str) -> None:
+        self._paused.discard(request_id)
+
+    def is_paused(self, request_id: str) -> bool:
+        return request_id in self._paused
 
     def remove_request(self, request_id: str) -> Request:
         """Take an unfinished request out (it moves to another instance): freed everywhere, no output."""
@@ -425,6 +444,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._paused.discard(request.request_id)
         self.kv.free(request.request_id, uncache=request.status == RequestStatus.FINISHED_ERROR)
         self.kv.free_host(request.request_id)
         del self.requests[request.request_id]

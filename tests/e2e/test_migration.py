@@ -174,12 +174,13 @@ async def test_async_engines_hand_a_live_stream_over_without_gap_or_duplicate(tm
         kv, sent = await src.call_between_steps(lambda e: e.mover.export_blocks("live", 0))
         assert sent > 0 and await dst.call_between_steps(lambda e: e.mover.reserve("live", sent))
         await dst.call_between_steps(lambda e: e.mover.import_blocks("live", 0, kv))
-        snapshot, rest = await src.export_request("live", sent)
+        snapshot, rest = await src.pause_request("live", sent)
+        moved = await dst.import_request(snapshot, rest, sent)
+        assert moved is not None
+        await src.release_request("live")
         with pytest.raises(RequestMovedError):
             async for out in stream:  # what the source produced before the last stage
                 received.append(out)
-        moved = await dst.import_request(snapshot, rest, sent)
-        assert moved is not None
         received += [out async for out in moved]
         assert _stream(received) == expected and received[-1].finished
         for engine in (src, dst):
@@ -188,3 +189,27 @@ async def test_async_engines_hand_a_live_stream_over_without_gap_or_duplicate(tm
     finally:
         src.shutdown()
         dst.shutdown()
+
+
+async def test_a_paused_request_resumes_on_the_source_as_if_nothing_happened(tmp_path_factory, default_model_dir):
+    """The destination refused the last stage: the source resumes the paused request; its stream is unchanged."""
+    from distinfer.engine.async_llm import AsyncLLM
+
+    path = save_tiny_llama(str(tmp_path_factory.mktemp("tiny-resume")), default_model_dir, **TINY)
+    engine = AsyncLLM(path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64, block_size=8,
+                      enable_prefix_caching=False)
+    try:
+        params = SamplingParams(temperature=0.8, seed=5, max_tokens=20, logprobs=1, ignore_eos=True)
+        prompt = {"prompt_token_ids": list(range(900, 930))}
+        expected = _stream([out async for out in engine.generate(prompt, params.clone(), "ref")])
+        stream = engine.generate(prompt, params.clone(), "paused")
+        received = [await anext(stream)]
+        await engine.pause_request("paused")
+        assert not engine.engine.has_unfinished_requests()  # the loop sleeps while the move is decided
+        await engine.resume_request("paused")
+        received += [out async for out in stream]
+        assert _stream(received) == expected
+        with pytest.raises(KeyError):
+            await engine.release_request("paused")  # finished meanwhile: nothing to release
+    finally:
+        engine.shutdown()
