@@ -42,14 +42,14 @@ from distinfer.messages import (
     RequestOutput,
 )
 from distinfer.model.loader import load_hf_config, load_tokenizer
-from distinfer.router.instance import InstanceInfo
+from distinfer.router.instance import InstanceInfo, remote_error
+from distinfer.router.migration import MigrationConfig, MigrationResult
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY
 from distinfer.router.router import (
     START_TIMEOUT_S,
     Router,
     RouterConfig,
     RouterState,
-    remote_error,
 )
 from distinfer.router.stats import InstanceLoad
 from distinfer.sampling_params import SamplingParams
@@ -135,8 +135,10 @@ class RouterEngine:
 
     def __init__(self, model: str | None = None, *, num_instances: int = 2,
                  dispatch_policy: str = DEFAULT_DISPATCH_POLICY, load_interval_s: float = 0.1,
-                 state_interval_s: float = 0.25, ray_address: str | None = None, **engine_kwargs: Any) -> None:
-        self.router_config = RouterConfig(num_instances, dispatch_policy, load_interval_s)
+                 state_interval_s: float = 0.25, ray_address: str | None = None,
+                 migration: MigrationConfig | None = None, **engine_kwargs: Any) -> None:
+        self.router_config = RouterConfig(num_instances, dispatch_policy, load_interval_s,
+                                          migration=migration or MigrationConfig())
         # Every engine argument, the model path and its shapes are checked before any actor starts.
         config = build_config(model, **engine_kwargs)
         check_parallel_shapes(load_hf_config(config.model), config.parallel)
@@ -312,6 +314,19 @@ class RouterEngine:
             return await self.router.drain_instance.remote(instance_id, timeout_s)
         except RayTaskError as exc:
             raise remote_error(exc) from None
+
+    async def migrate(self, request_id: str, destination: str | None = None,
+                      config: MigrationConfig | None = None) -> MigrationResult:
+        """Move a request in flight to another instance (default: the one dispatch would pick); its stream
+        goes on unchanged. The result says whether it moved (FINISHED) or stayed (ABORTED_*), and why."""
+        try:
+            return await self.router.migrate.remote(request_id, destination, config)
+        except RayTaskError as exc:
+            raise remote_error(exc) from None
+
+    async def where(self, request_id: str) -> str | None:
+        """The instance running a request in flight (None when it is not in flight)."""
+        return await self.router.where.remote(request_id)
 
     def shutdown(self) -> None:
         """Stop every instance and the router (blocking, like AsyncLLM.shutdown: call it off the event loop)."""

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
+from ray.exceptions import RayTaskError
+
 from distinfer.config import DistInferConfig
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.engine.output_processor import RequestOutputKind
@@ -22,6 +24,12 @@ from distinfer.messages import EngineRequest, EngineStats, RequestOutput
 from distinfer.router.stats import InstanceLoad
 
 logger = logging.getLogger(__name__)
+
+
+def remote_error(exc: RayTaskError) -> BaseException:
+    """The exception the remote method raised (Ray wraps it with the remote traceback)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
 
 
 @dataclass
@@ -72,6 +80,40 @@ class EngineInstance:
                                        priority=request.priority, output_kind=output_kind)
         async for output in outputs:
             yield replace(output, prompt=None, prompt_token_ids=[])
+
+    # ---- live migration, driven by the router (router/migration.py); each runs between two steps
+
+    async def export_blocks(self, request_id: str, first_block: int) -> tuple[list, int]:
+        """A pre-copy stage on the source: (KV of the full computed blocks from first_block on, the end)."""
+        return await self.engine.call_between_steps(lambda e: e.mover.export_blocks(request_id, first_block))
+
+    async def reserve(self, request_id: str, num_blocks: int) -> bool:
+        return await self.engine.call_between_steps(lambda e: e.mover.reserve(request_id, num_blocks))
+
+    async def import_blocks(self, request_id: str, first_block: int, kv: list) -> None:
+        await self.engine.call_between_steps(lambda e: e.mover.import_blocks(request_id, first_block, kv))
+
+    async def cancel_reservation(self, request_id: str) -> None:
+        await self.engine.call_between_steps(lambda e: e.mover.cancel(request_id))
+
+    async def pause(self, request_id: str, first_block: int) -> tuple[Any, list]:
+        """The last stage on the source: (RequestSnapshot, KV from first_block on); the request is paused."""
+        return await self.engine.pause_request(request_id, first_block)
+
+    async def resume(self, request_id: str) -> None:
+        await self.engine.resume_request(request_id)
+
+    async def release(self, request_id: str) -> None:
+        await self.engine.release_request(request_id)
+
+    async def adopt(self, snapshot: Any, kv: list, first_block: int) -> AsyncIterator[bool | RequestOutput]:
+        """The last stage on the destination (num_returns="streaming"): yields whether the request was
+        committed here, then (if it was) its outputs from here on, like generate."""
+        outputs = await self.engine.import_request(snapshot, kv, first_block)
+        yield outputs is not None
+        if outputs is not None:
+            async for output in outputs:
+                yield replace(output, prompt=None, prompt_token_ids=[])
 
     async def abort(self, request_ids: list[str]) -> None:
         """End these requests (each stream gets a final "abort" output) and free their KV blocks."""

@@ -31,9 +31,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distinfer.engine.output_processor import RequestOutputKind
-from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError
+from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestMovedError
 from distinfer.messages import EngineRequest, EngineStats, RequestOutput
-from distinfer.router.instance import EngineInstance, InstanceInfo
+from distinfer.router.instance import EngineInstance, InstanceInfo, remote_error
+from distinfer.router.migration import MigrationConfig, MigrationResult, migrate
 from distinfer.router.policies import (
     DEFAULT_DISPATCH_POLICY,
     DispatchRequest,
@@ -58,6 +59,7 @@ class RouterConfig:
     dispatch_policy: str = DEFAULT_DISPATCH_POLICY
     load_interval_s: float = 0.1  # how often every instance is asked for its load
     load_timeout_s: float = 10.0  # a report that takes longer is skipped (the previous one stays)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int) or self.num_instances < 1:
@@ -81,6 +83,8 @@ class RequestStream:
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     finished: bool = False
     aborted: bool = False  # the caller asked to abort; the instance's final "abort" output ends it
+    migrating: bool = False  # one migration at a time
+    moved_to: Any = None  # the destination's output stream, read once the source's ends with RequestMovedError
 
     def record(self, output: RequestOutput) -> None:
         for completion in output.outputs:
@@ -149,12 +153,6 @@ class _Instance:
     def view(self) -> InstanceView:
         assert self.load is not None
         return InstanceView(self.load, sum(n for _, n in self.unreported), len(self.unreported), dict(self.priorities))
-
-
-def remote_error(exc: RayTaskError) -> BaseException:
-    """The exception the remote method raised (Ray wraps it with the remote traceback)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 def _death(exc: BaseException) -> str:
@@ -257,25 +255,79 @@ class Router:
         return self.instances[chosen]
 
     async def _relay(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        """The current instance's outputs; when it ends with RequestMovedError (a migration committed), the
+        destination's, which start where the source's stopped."""
         instance = self.instances[stream.instance_id]
         source = instance.actor.generate.options(num_returns="streaming").remote(stream.request, stream.output_kind)
+        while True:
+            try:
+                async for ref in source:
+                    output = await ref
+                    stream.record(output)
+                    yield output
+                    if output.finished:
+                        return
+            except RayTaskError as exc:  # the instance refused or failed the request (or its engine died)
+                cause = remote_error(exc)
+                if isinstance(cause, RequestMovedError) and stream.moved_to is not None:
+                    source, stream.moved_to = stream.moved_to, None
+                    instance = self.instances[stream.instance_id]
+                    continue
+                raise cause from None
+            except RayActorError as exc:
+                self._mark_dead(instance, _death(exc))
+                raise EngineDeadError(
+                    f"engine instance {instance.instance_id} died while serving request {stream.request.request_id} "
+                    f"({stream.num_delivered_tokens} tokens were streamed); the other instances go on serving: "
+                    "retry the request") from None
+            raise EngineDeadError(f"engine instance {instance.instance_id} ended request "
+                                  f"{stream.request.request_id} without a final output")
+
+    # ------------------------------------------------------------ migration
+
+    async def migrate(self, request_id: str, destination: str | None = None,
+                      config: MigrationConfig | None = None) -> MigrationResult:
+        """Move a request in flight to another instance (by default the one dispatch would pick; `config`
+        overrides the router's stage settings); its caller's stream goes on with no gap, duplicate or
+        reordering. See router/migration.py."""
+        stream = self.streams.get(request_id)
+        if stream is None or stream.finished:
+            raise KeyError(f"no request {request_id!r} in flight")
+        if stream.migrating:
+            raise ValueError(f"request {request_id!r} is already moving")
+        src = self.instances[stream.instance_id]
+        dst = self._destination_for(stream, destination)
+        stream.migrating = True
         try:
-            async for ref in source:
-                output = await ref
-                stream.record(output)
-                yield output
-                if output.finished:
-                    return
-        except RayTaskError as exc:  # the instance refused or failed the request (or its engine died)
-            raise remote_error(exc) from None
-        except RayActorError as exc:
-            self._mark_dead(instance, _death(exc))
-            raise EngineDeadError(
-                f"engine instance {instance.instance_id} died while serving request {stream.request.request_id} "
-                f"({stream.num_delivered_tokens} tokens were streamed); the other instances go on serving: "
-                "retry the request") from None
-        raise EngineDeadError(f"engine instance {instance.instance_id} ended request {stream.request.request_id} "
-                              "without a final output")
+            return await migrate(self, stream, src, dst, config or self.config.migration)
+        finally:
+            stream.migrating = False
+
+    def _destination_for(self, stream: RequestStream, destination: str | None) -> _Instance:
+        if destination is not None:
+            dst = self.instances.get(destination)
+            if dst is None or not dst.alive or destination == stream.instance_id:
+                raise ValueError(f"cannot move request {stream.request.request_id!r} to {destination!r}: "
+                                 "not another live instance")
+            return dst
+        candidates = [i for i in self.instances.values() if i.open and i.instance_id != stream.instance_id]
+        if not candidates:
+            raise EngineDrainingError("no other instance takes requests")
+        chosen = self.policy.pick([i.view() for i in candidates],
+                                  DispatchRequest(stream.num_delivered_tokens + len(stream.request.prompt_token_ids),
+                                                  stream.request.priority))
+        return self.instances[chosen]
+
+    def switch(self, stream: RequestStream, dst: _Instance, outputs: Any) -> None:
+        """The request committed on dst: the caller's stream continues from `outputs` there."""
+        self.instances[stream.instance_id].remove(stream)
+        stream.instance_id, stream.moved_to = dst.instance_id, outputs
+        dst.add(stream)
+
+    def unswitch(self, stream: RequestStream, src: _Instance) -> None:
+        self.instances[stream.instance_id].remove(stream)
+        stream.instance_id, stream.moved_to = src.instance_id, None
+        src.add(stream)
 
     def _release(self, stream: RequestStream) -> None:
         """The caller's stream ended (finished, failed, or the caller went away)."""

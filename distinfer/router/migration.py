@@ -1,0 +1,172 @@
+"""Live migration of one request between two engine instances: the Llumnix protocol, made abort-safe.
+
+Stages (the request keeps decoding on the source until the last):
+  1..k  pre-copy: the source exports its full computed blocks not sent yet; the destination reserves blocks
+        and writes them. Stops when a stage finds at most `threshold_blocks` new blocks, or after
+        `max_stages` stages.
+  last  the source pauses the request (kept, not scheduled) and exports the rest with its RequestSnapshot;
+        the destination commits it and starts streaming; the router points the caller's stream at the
+        destination; the source releases the request (its stream there ends with RequestMovedError, after
+        which the router reads the destination's).
+Statuses: FINISHED; ABORTED_SRC (the request finished, was aborted, or the source died first: the
+reservation is dropped); ABORTED_DST (the destination refused, filled up or died: the request goes on at
+the source as if nothing happened). A reservation that is never committed is also freed by the
+destination's own timeout.
+
+Transport "object_store": the KV of a stage goes from the source to the destination as a Ray object (the
+router passes the reference on; the bytes never enter the router).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ray.exceptions import RayActorError, RayTaskError
+
+from distinfer.router.instance import remote_error
+
+if TYPE_CHECKING:
+    from distinfer.router.router import RequestStream, Router, _Instance
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("object_store",)
+
+
+class MigrationStatus(str, enum.Enum):
+    FINISHED = "finished"
+    ABORTED_SRC = "aborted_src"
+    ABORTED_DST = "aborted_dst"
+
+
+@dataclass
+class MigrationConfig:
+    max_stages: int = 4  # pre-copy stages before the last one (0: stop-and-copy)
+    threshold_blocks: int = 2  # a stage with at most this many new blocks is the last pre-copy stage
+    transport: str = "object_store"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_stages, bool) or not isinstance(self.max_stages, int) or self.max_stages < 0:
+            raise ValueError(f"max_stages must be an integer >= 0, got {self.max_stages!r}")
+        if (isinstance(self.threshold_blocks, bool) or not isinstance(self.threshold_blocks, int)
+                or self.threshold_blocks < 0):
+            raise ValueError(f"threshold_blocks must be an integer >= 0, got {self.threshold_blocks!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown migration transport {self.transport!r}; known: {', '.join(TRANSPORTS)}")
+
+
+@dataclass
+class MigrationResult:
+    request_id: str
+    source: str
+    destination: str
+    status: MigrationStatus
+    reason: str = ""
+    stage_blocks: list[int] = field(default_factory=list)  # blocks copied per stage, the last one included
+    stage_seconds: list[float] = field(default_factory=list)
+    paused_s: float = 0.0  # the last stage: from the pause on the source to the commit on the destination
+
+
+class _Aborted(Exception):
+    def __init__(self, status: MigrationStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+async def migrate(router: Router, stream: RequestStream, src: _Instance, dst: _Instance,
+                  config: MigrationConfig) -> MigrationResult:
+    """Move the request of `stream` from src to dst (the router's caller stream never notices)."""
+    request_id = stream.request.request_id
+    result = MigrationResult(request_id, src.instance_id, dst.instance_id, MigrationStatus.FINISHED)
+    try:
+        sent = await _precopy(router, stream, src, dst, config, result)
+        await _last_stage(router, stream, src, dst, sent, result)
+    except _Aborted as aborted:
+        result.status, result.reason = aborted.status, aborted.reason
+        await _call(dst, "cancel_reservation", request_id, quiet=True)
+        logger.info("migration of %s from %s to %s: %s (%s)", request_id, src.instance_id, dst.instance_id,
+                    result.status.value, result.reason)
+    return result
+
+
+async def _precopy(router: Router, stream: RequestStream, src: _Instance, dst: _Instance,
+                   config: MigrationConfig, result: MigrationResult) -> int:
+    request_id, sent = stream.request.request_id, 0
+    for _ in range(config.max_stages):
+        start = time.perf_counter()
+        kv_ref, end_ref = src.actor.export_blocks.options(num_returns=2).remote(request_id, sent)
+        end = await _source(src, end_ref, stream, router, kv_ref)
+        if end > sent:
+            if not await _destination(dst, dst.actor.reserve.remote(request_id, end)):
+                raise _Aborted(MigrationStatus.ABORTED_DST, f"{dst.instance_id} has no room for {end} blocks")
+            await _destination(dst, dst.actor.import_blocks.remote(request_id, sent, kv_ref))
+        result.stage_blocks.append(end - sent)
+        result.stage_seconds.append(time.perf_counter() - start)
+        new, sent = end - sent, end
+        if new <= config.threshold_blocks:
+            break
+    return sent
+
+
+async def _last_stage(router: Router, stream: RequestStream, src: _Instance, dst: _Instance, sent: int,
+                      result: MigrationResult) -> None:
+    request_id = stream.request.request_id
+    start = time.perf_counter()
+    snapshot_ref, kv_ref = src.actor.pause.options(num_returns=2).remote(request_id, sent)
+    snapshot = await _source(src, snapshot_ref, stream, router, kv_ref)
+    adopted = dst.actor.adopt.options(num_returns="streaming").remote(snapshot, kv_ref, sent)
+    try:
+        committed = await _destination(dst, await adopted.__anext__())
+    except _Aborted:
+        await _call(src, "resume", request_id, quiet=True)
+        raise
+    if not committed:
+        await _call(src, "resume", request_id, quiet=True)
+        raise _Aborted(MigrationStatus.ABORTED_DST, f"{dst.instance_id} has no room for the request")
+    result.paused_s = time.perf_counter() - start
+    router.switch(stream, dst, adopted)  # from here the caller's aborts go to the destination
+    try:
+        await src.actor.release.remote(request_id)
+    except (RayTaskError, RayActorError) as exc:  # gone from the source meanwhile (aborted, finished, died)
+        router.unswitch(stream, src)
+        await _call(dst, "abort", [request_id], quiet=True)
+        raise _Aborted(MigrationStatus.ABORTED_SRC, f"the source let the request go first: {exc}") from None
+    block_size = dst.info.config.cache.block_size
+    result.stage_blocks.append(max(-(-snapshot.num_computed_tokens // block_size) - sent, 0))
+    result.stage_seconds.append(time.perf_counter() - start)
+
+
+async def _source(src: _Instance, ref: Any, stream: RequestStream, router: Router, sibling: Any) -> Any:
+    """A source call's result; the request finishing or the source failing aborts the migration. `sibling`
+    is the call's other return (KV), fetched on failure so that Ray does not report it as unhandled."""
+    try:
+        value = await ref
+    except (RayTaskError, RayActorError) as exc:
+        try:
+            await sibling
+        except (RayTaskError, RayActorError):
+            pass
+        reason = remote_error(exc) if isinstance(exc, RayTaskError) else exc
+        raise _Aborted(MigrationStatus.ABORTED_SRC, f"{src.instance_id}: {type(reason).__name__}: {reason}") from None
+    if stream.finished or stream.aborted or router.streams.get(stream.request.request_id) is not stream:
+        raise _Aborted(MigrationStatus.ABORTED_SRC, "the request ended during the migration")
+    return value
+
+
+async def _destination(dst: _Instance, ref: Any) -> Any:
+    try:
+        return await ref
+    except (RayTaskError, RayActorError) as exc:
+        raise _Aborted(MigrationStatus.ABORTED_DST, f"{dst.instance_id}: {type(exc).__name__}: {exc}") from None
+
+
+async def _call(instance: _Instance, method: str, *args: Any, quiet: bool = False) -> None:
+    try:
+        await getattr(instance.actor, method).remote(*args)
+    except (RayTaskError, RayActorError) as exc:
+        if not quiet:
+            raise
+        logger.debug("%s.%s failed: %s", instance.instance_id, method, exc)

@@ -1,0 +1,150 @@
+"""Live migration through the router, two engine instances as real Ray actors on the tiny Llama: a request
+moved at any point (pre-copy stages or stop-and-copy) streams exactly what it would have without moving
+(tokens, logprobs, text, seeded samples); a destination that is full or dead, a request aborted or
+finishing during the move: nothing lost or duplicated, and every block of both instances free after."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from distinfer import SamplingParams
+from distinfer.router.migration import MigrationConfig, MigrationStatus
+from tests.distributed.test_router import ENGINE_ARGS, actors, stop_engine, wait_idle
+
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=4321, max_tokens=60, logprobs=2, ignore_eos=True)
+PROMPT = {"prompt_token_ids": list(range(300, 340))}
+STOP_AND_COPY = MigrationConfig(max_stages=0)
+
+
+@pytest.fixture(scope="module")
+def engine(ray_session, tiny_model_dir):
+    from distinfer.router import RouterEngine
+
+    engine = RouterEngine(tiny_model_dir, num_instances=2, **ENGINE_ARGS)
+    yield engine
+    stop_engine(engine)
+
+
+def received(outputs) -> tuple:
+    """What the caller got, concatenated: tokens, text, logprobs, and whether the last output finished it."""
+    tokens, text, logprobs = [], "", []
+    for out in outputs:
+        tokens += out.outputs[0].token_ids
+        text += out.outputs[0].text
+        logprobs += out.outputs[0].logprobs or []
+    return tokens, text, logprobs, outputs[-1].finished if outputs else False
+
+
+async def stream_with_move(engine, request_id: str, move_after: int, config: MigrationConfig | None = None,
+                           destination: str | None = None, params: SamplingParams = SEEDED):
+    """The request's outputs, with a migration started once `move_after` outputs arrived; and its result."""
+    outputs, moving = [], None
+    async for out in engine.generate(PROMPT, params.clone(), request_id):
+        outputs.append(out)
+        if len(outputs) == move_after:
+            moving = asyncio.ensure_future(engine.migrate(request_id, destination, config))
+    return outputs, (await moving if moving is not None else None)
+
+
+async def reference(engine) -> tuple:
+    return received([out async for out in engine.generate(PROMPT, SEEDED.clone(), "reference")])
+
+
+def test_moving_at_any_point_leaves_the_stream_unchanged(engine):
+    async def run() -> None:
+        expected = await reference(engine)
+        assert len(expected[0]) == 60 and expected[3]
+        for move_after, config in [(1, None), (8, None), (30, None), (1, STOP_AND_COPY), (30, STOP_AND_COPY)]:
+            before = None
+            outputs, result = await stream_with_move(engine, f"m{move_after}-{config is None}", move_after, config)
+            assert result.status == MigrationStatus.FINISHED, result
+            assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
+            assert result.source != result.destination and len(result.stage_blocks) >= 1
+            if config is STOP_AND_COPY:
+                assert len(result.stage_blocks) == 1 and result.stage_blocks[0] > 0  # everything in the last stage
+            del before
+    asyncio.run(run())
+    wait_idle(engine)
+
+
+def test_a_full_destination_refuses_and_the_request_goes_on_at_the_source(engine):
+    async def run() -> None:
+        expected = await reference(engine)
+        gen = engine.generate(PROMPT, SEEDED.clone(), "full-dst")
+        outputs = [await anext(gen)]
+        src = await engine.where("full-dst")
+        dst_id, dst = next((i, a) for i, a in actors(engine).items() if i != src)
+        assert await dst.reserve.remote("blocker", 63)  # the fault: the destination has 1 block free
+        try:
+            result = await engine.migrate("full-dst", dst_id)
+        finally:
+            await dst.cancel_reservation.remote("blocker")
+        outputs += [out async for out in gen]
+        assert result.status == MigrationStatus.ABORTED_DST and "room" in result.reason, result
+        assert received(outputs) == expected
+    asyncio.run(run())
+    wait_idle(engine)
+
+
+def test_abort_during_a_move_ends_the_request_everywhere(engine):
+    async def run() -> None:
+        for delay in (0.0, 0.01, 0.05):
+            outputs = []
+            gen = engine.generate(PROMPT, SEEDED.clone(), f"abort-{delay}")
+            outputs.append(await anext(gen))
+            moving = asyncio.ensure_future(engine.migrate(f"abort-{delay}"))
+            await asyncio.sleep(delay)
+            await engine.abort(f"abort-{delay}")
+            outputs += [out async for out in gen]
+            result = await moving
+            assert result.status in (MigrationStatus.FINISHED, MigrationStatus.ABORTED_SRC), result
+            assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
+    asyncio.run(run())
+    wait_idle(engine)
+
+
+def test_a_request_finishing_during_its_move_streams_everything_once(engine):
+    short = SamplingParams(temperature=0.9, seed=11, max_tokens=6, ignore_eos=True)
+
+    async def run() -> None:
+        expected = received([out async for out in engine.generate(PROMPT, short.clone(), "short-ref")])
+        for move_after in (3, 4, 5):
+            outputs, result = await stream_with_move(engine, f"short-{move_after}", move_after, params=short)
+            assert received(outputs) == expected
+            assert result is None or result.status in (MigrationStatus.FINISHED, MigrationStatus.ABORTED_SRC)
+    asyncio.run(run())
+    wait_idle(engine)
+
+
+def test_a_dead_destination_leaves_the_request_at_the_source(engine):
+    """Last in the module: it kills one instance."""
+    import ray
+
+    async def run() -> None:
+        expected = await reference(engine)
+        gen = engine.generate(PROMPT, SEEDED.clone(), "dead-dst")
+        outputs = [await anext(gen)]
+        src = await engine.where("dead-dst")
+        dst_id, dst = next((i, a) for i, a in actors(engine).items() if i != src)
+        moving = asyncio.ensure_future(engine.migrate("dead-dst", dst_id))
+        ray.kill(dst)  # before the router's next load report can notice
+        try:
+            result = await moving
+            assert result.status == MigrationStatus.ABORTED_DST, result
+        except ValueError as exc:  # the router noticed the death first and refused the move
+            assert "not another live instance" in str(exc)
+        outputs += [out async for out in gen]
+        assert received(outputs) == expected
+    asyncio.run(run())
+
+
+async def _first_instance(engine, request_id: str) -> str:
+    """The instance the next request is dispatched to (dispatch is least-load: with both idle, the first)."""
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    gen = engine.generate(PROMPT, params, request_id)
+    await anext(gen)
+    where = await engine.where(request_id)
+    async for _ in gen:
+        pass
+    return where
