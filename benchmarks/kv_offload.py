@@ -288,8 +288,8 @@ def chat_table(off: RunResult, on: RunResult, pairs: list, spec: ChatSpec, locks
         built = "first" if e["host_tier_engine_built_first"] else "second"
         text += (f"\n  pass {p + 1} (host-tier engine built {built}): p50 ratio turn 1 (same work) "
                  f"{e['turn1_p50_ratio']:.2f}x, turns 2-{n} {e['turns2plus_p50_ratio']:.2f}x")
-    note = ("* EngineStats counts every prefix lookup, also the retries of a request that could not be admitted "
-            "yet;\n  'cached (used)' sums RequestOutput.num_cached_tokens (what requests were admitted with)")
+    note = ("* EngineStats counts each admitted request's prefix lookup once; 'cached (used)' sums "
+            "RequestOutput.num_cached_tokens (what requests were admitted with)")
     return text + "\n\n" + format_rows(totals_rows(off, on, chat=True)) + "\n" + note, summary
 
 
@@ -304,7 +304,7 @@ def totals_rows(a: RunResult, b: RunResult, chat: bool) -> list[tuple]:
     if chat:
         rows += [("prompt tokens", sa["prompt_tokens"], sb["prompt_tokens"], ""),
                  ("  of which cached (used)", sa["used_cached_tokens"], sb["used_cached_tokens"], "")]
-        rows += [(f"{name} (counter*)", sa[k], sb[k], "") for name, k in
+        rows += [(f"{name}*", sa[k], sb[k], "") for name, k in
                  (("device prefix hits", "device_prefix_cache_hits"), ("host prefix hits", "host_prefix_cache_hits"))]
     rows += [(k, sa[k], sb[k], "") for k in ("num_preemptions", "num_swapped_preemptions", "num_recomputed_tokens")]
     rows += [(f"{k} (MB)", f"{sa[k] / 1e6:.0f}", f"{sb[k] / 1e6:.0f}", "")
