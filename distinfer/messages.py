@@ -222,7 +222,7 @@ class OutputSnapshot:
     """The output processor's state of one unfinished sequence: text so far and what the client has had."""
 
     output_kind: str  # RequestOutputKind value
-    text: str
+    text: str | None  # None: decode the tokens again (failover: the router knows only what it delivered)
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
     sent_tokens: int

@@ -10,8 +10,9 @@ hand-off), on one engine, between its steps. The caller (the router) drives the 
 While stages run the request keeps decoding on the source: a stage copies only full, computed blocks,
 which no step writes again. The last stage takes the rest (the partial block) with the request's state.
 A reservation never committed is freed by cancel() or, after `timeout_s`, by the engine's next step.
-KV moves as one export per rank (a CPU tensor per layer, see worker/kv_transfer.py): source and
-destination need the same tensor/pipeline parallel sizes and block size.
+KV moves as one KVShard per source rank (its layout and a CPU tensor per layer it holds, see
+worker/kv_transfer.py); the destination re-shards it for its own ranks, so source and destination may differ
+in tensor and pipeline parallel sizes, not in model, block size or dtype.
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from typing import TYPE_CHECKING
 
 from distinfer.engine.request import Request
 from distinfer.messages import RequestSnapshot
+from distinfer.worker.kv_transfer import KVLayout, KVShard, check_export, reshard
 
 if TYPE_CHECKING:
     from distinfer.engine.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
-KVExport = list[list]  # per rank: one CPU tensor [num_blocks, block_size, 2, Hkv, D] per layer
+KVExport = list[KVShard]  # per source rank, in rank order; [] when no blocks move
 
 
 @dataclass
@@ -43,6 +45,7 @@ class RequestMover:
         self.block_size = engine.config.cache.block_size
         self.timeout_s = timeout_s
         self._reservations: dict[str, _Reservation] = {}
+        self._layouts: list[KVLayout] | None = None  # this instance's ranks' KV layouts, asked once
 
     @property
     def _scheduler(self):
@@ -98,7 +101,15 @@ class RequestMover:
         return result
 
     def _export(self, block_ids: list[int]) -> KVExport:
-        return self.engine.executor.collective_rpc("export_kv_blocks", block_ids)
+        tensors = self.engine.executor.collective_rpc("export_kv_blocks", block_ids)
+        return [KVShard(layout, layers) for layout, layers in zip(self.kv_layouts, tensors)]
+
+    @property
+    def kv_layouts(self) -> list[KVLayout]:
+        """Which layers and KV heads each rank of this instance holds (asked of the ranks on first use)."""
+        if self._layouts is None:
+            self._layouts = self.engine.executor.collective_rpc("kv_layout")
+        return self._layouts
 
     # ------------------------------------------------------------ destination
 
@@ -126,7 +137,9 @@ class RequestMover:
                              f"{reservation.num_blocks}")
         if num:
             block_ids = self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num]
-            self.engine.executor.collective_rpc("import_kv_blocks", block_ids, rank_args=[(layers,) for layers in kv])
+            local = reshard(kv, self.kv_layouts)  # pass-through when the layouts are the same
+            self.engine.executor.collective_rpc("import_kv_blocks", block_ids,
+                                                rank_args=[(layers,) for layers in local])
         reservation.deadline = time.monotonic() + self.timeout_s
 
     def commit(self, snapshot: RequestSnapshot, kv: KVExport, first_block: int = 0) -> bool:
@@ -134,6 +147,8 @@ class RequestMover:
         ones came in stages (or none: then it computes its tokens again). False (nothing changed, a
         reservation kept) when the blocks are not free."""
         self._check_snapshot(snapshot)
+        if snapshot.request.sampling_params.max_tokens is None:  # as LLMEngine.add_processed_request sets it
+            snapshot.request.sampling_params.max_tokens = self.engine.max_model_len - len(snapshot.request.prompt_token_ids)
         request_id, num_kv = snapshot.request_id, self._check_kv(kv)
         num_needed = -(-snapshot.num_computed_tokens // self.block_size)
         if num_needed and first_block + num_kv < num_needed:
@@ -174,14 +189,9 @@ class RequestMover:
                              f"instance's max_model_len is {engine.max_model_len}")
 
     def _check_kv(self, kv: KVExport) -> int:
-        """The number of blocks in an export, checked against this instance's rank count."""
-        if not kv:
-            return 0
-        world = self.engine.config.parallel.world_size
-        if len(kv) != world:
-            raise ValueError(f"KV from {len(kv)} ranks for an instance of {world}: source and destination must "
-                             f"have the same tensor/pipeline parallel sizes")
-        return kv[0][0].shape[0] if kv[0] else 0
+        """The number of blocks in an export, checked (before anything reaches a rank) against this instance's
+        model cache: same layers, KV heads, head size, block size and dtype; any tp/pp split."""
+        return check_export(kv, self.kv_layouts) if kv else 0
 
 
 def _request_from(snapshot: RequestSnapshot) -> Request:

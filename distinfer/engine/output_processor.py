@@ -316,17 +316,20 @@ class OutputProcessor:
 
     def import_request(self, request: EngineRequest, token_ids: list[int], snapshot: OutputSnapshot) -> None:
         """Go on with a request exported by another instance: its detokenizer is rebuilt by decoding its
-        tokens again (the same pieces), then the exported text and delivery counters take over."""
+        tokens again (the same pieces), then the exported text (if any: a failover has only the tokens) and
+        delivery counters take over."""
         if request.request_id in self._parents:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         if request.sampling_params.n != 1:
             raise ValueError("only requests with n=1 move between instances")
         child = self._new_child(request, 0)
+        replayed = []
         for token_id in token_ids:
             child.token_ids.append(token_id)
             if child.detok is not None:
-                child.detok.decode_next(token_id)
-        child.text, child.logprobs, child.cumulative_logprob = snapshot.text, snapshot.logprobs, snapshot.cumulative_logprob
+                replayed.append(child.detok.decode_next(token_id))
+        child.text = snapshot.text if snapshot.text is not None else "".join(replayed)
+        child.logprobs, child.cumulative_logprob = snapshot.logprobs, snapshot.cumulative_logprob
         child.sent_tokens, child.sent_chars, child.sent_logprobs = snapshot.sent_tokens, snapshot.sent_chars, snapshot.sent_logprobs
         parent = _ParentState(request, RequestOutputKind(snapshot.output_kind), [child])
         parent.metrics = replace(snapshot.metrics)

@@ -29,7 +29,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from distinfer.router.instance import remote_error
 
 if TYPE_CHECKING:
-    from distinfer.router.router import RequestStream, Router, _Instance
+    from distinfer.router.router import Router
+    from distinfer.router.state import RequestStream, _Instance
 
 logger = logging.getLogger(__name__)
 

@@ -32,17 +32,18 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distinfer.engine.output_processor import RequestOutputKind
 from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestMovedError
-from distinfer.messages import EngineRequest, EngineStats, RequestOutput
+from distinfer.messages import EngineRequest, RequestOutput
+from distinfer.router.failover import resume_snapshot
 from distinfer.router.instance import EngineInstance, InstanceInfo, remote_error
 from distinfer.router.migration import MigrationConfig, MigrationResult, migrate
 from distinfer.router.policies import (
     DEFAULT_DISPATCH_POLICY,
     DispatchRequest,
-    InstanceView,
     check_dispatch_policy,
     make_dispatch_policy,
 )
-from distinfer.router.stats import InstanceLoad, sum_stats
+from distinfer.router.state import RequestStream, RouterState, _Instance
+from distinfer.router.stats import sum_stats
 
 logger = logging.getLogger(__name__)
 
@@ -71,90 +72,6 @@ class RouterConfig:
             raise ValueError(f"load_timeout_s must be > 0, got {self.load_timeout_s}")
 
 
-@dataclass
-class RequestStream:
-    """The router's state of one caller's stream. It stays with the router whichever instance runs the
-    request: `token_ids` holds, per completion index, every token the caller has received."""
-
-    request: EngineRequest
-    output_kind: RequestOutputKind
-    instance_id: str
-    dispatched_at: float  # time.monotonic()
-    token_ids: dict[int, list[int]] = field(default_factory=dict)
-    finished: bool = False
-    aborted: bool = False  # the caller asked to abort; the instance's final "abort" output ends it
-    migrating: bool = False  # one migration at a time
-    moved_to: Any = None  # the destination's output stream, read once the source's ends with RequestMovedError
-
-    def record(self, output: RequestOutput) -> None:
-        for completion in output.outputs:
-            sent = self.token_ids.setdefault(completion.index, [])
-            if self.output_kind == RequestOutputKind.DELTA:
-                sent.extend(completion.token_ids)
-            else:  # cumulative (and final-only) outputs carry everything so far
-                sent[:] = completion.token_ids
-        self.finished = output.finished
-
-    @property
-    def num_delivered_tokens(self) -> int:
-        return sum(len(ids) for ids in self.token_ids.values())
-
-
-@dataclass
-class RouterState:
-    """What the front end reads every few hundred ms: the summed stats and who is alive."""
-
-    stats: EngineStats  # summed over the live instances' latest reports
-    loads: list[InstanceLoad]  # latest report of each live instance
-    dead: dict[str, str]  # instance id -> why it died
-    draining: bool  # the router refuses new requests (drain(), or every live instance drains)
-    num_streams: int
-    dead_error: str | None  # set when no instance is left
-
-
-@dataclass
-class _Instance:
-    """The router's view of one instance."""
-
-    instance_id: str
-    actor: Any
-    info: InstanceInfo | None = None
-    load: InstanceLoad | None = None
-    dead_reason: str | None = None
-    stop_dispatch: bool = False  # drain_instance() was called
-    streams: dict[str, RequestStream] = field(default_factory=dict)  # in flight through the router
-    priorities: collections.Counter = field(default_factory=collections.Counter)
-    unreported: list[tuple[float, int]] = field(default_factory=list)  # (dispatched at, prompt tokens)
-
-    @property
-    def alive(self) -> bool:
-        return self.dead_reason is None
-
-    @property
-    def open(self) -> bool:
-        return self.alive and not self.stop_dispatch and self.load is not None and not self.load.draining
-
-    def add(self, stream: RequestStream) -> None:
-        self.streams[stream.request.request_id] = stream
-        self.priorities[stream.request.priority] += 1
-        self.unreported.append((stream.dispatched_at, len(stream.request.prompt_token_ids)))
-
-    def remove(self, stream: RequestStream) -> None:
-        if self.streams.pop(stream.request.request_id, None) is not None:
-            self.priorities[stream.request.priority] -= 1
-            if not self.priorities[stream.request.priority]:
-                del self.priorities[stream.request.priority]
-
-    def set_load(self, load: InstanceLoad, asked_at: float) -> None:
-        """A report asked for at `asked_at` covers the requests dispatched before then."""
-        self.load = load
-        self.unreported = [(t, n) for t, n in self.unreported if t >= asked_at]
-
-    def view(self) -> InstanceView:
-        assert self.load is not None
-        return InstanceView(self.load, sum(n for _, n in self.unreported), len(self.unreported), dict(self.priorities))
-
-
 def _death(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     why = [line for line in lines if line.startswith("The actor is dead because")]
@@ -171,6 +88,7 @@ class Router:
         self.config = config
         self.policy = make_dispatch_policy(config.dispatch_policy)
         self.streams: dict[str, RequestStream] = {}
+        self.num_failovers = 0  # requests resumed on another instance after theirs died
         self._draining = False
         self._stopped = False
         self._reporter: asyncio.Task | None = None
@@ -276,12 +194,37 @@ class Router:
                 raise cause from None
             except RayActorError as exc:
                 self._mark_dead(instance, _death(exc))
-                raise EngineDeadError(
-                    f"engine instance {instance.instance_id} died while serving request {stream.request.request_id} "
-                    f"({stream.num_delivered_tokens} tokens were streamed); the other instances go on serving: "
-                    "retry the request") from None
+                source = await self._fail_over(stream, instance)
+                instance = self.instances[stream.instance_id]
+                continue
             raise EngineDeadError(f"engine instance {instance.instance_id} ended request "
                                   f"{stream.request.request_id} without a final output")
+
+    async def _fail_over(self, stream: RequestStream, dead: _Instance) -> Any:
+        """Resume a request of a dead instance on a live one (see router/failover.py); its output stream
+        there. EngineDeadError when that cannot be done (no instance left, n > 1, or it failed there too)."""
+        request_id = stream.request.request_id
+        where = f"engine instance {dead.instance_id} died while serving request {request_id}"
+        try:
+            snapshot = resume_snapshot(stream)
+            dst = self._destination_for(stream, None)
+        except (ValueError, EngineDrainingError) as exc:
+            raise EngineDeadError(f"{where} ({stream.num_delivered_tokens} tokens were streamed) and it cannot "
+                                  f"resume elsewhere: {exc}") from None
+        adopted = dst.actor.adopt.options(num_returns="streaming").remote(snapshot, [], 0)
+        try:
+            committed = await (await adopted.__anext__())
+        except (RayTaskError, RayActorError, StopAsyncIteration) as exc:
+            raise EngineDeadError(f"{where}; resuming it on {dst.instance_id} failed too: {exc}") from None
+        if not committed:
+            raise EngineDeadError(f"{where}; {dst.instance_id} could not take it")
+        logger.warning("%s: it resumes on %s from its %d streamed tokens", where, dst.instance_id,
+                       stream.num_delivered_tokens)
+        dead.remove(stream)
+        stream.instance_id = dst.instance_id
+        dst.add(stream)
+        self.num_failovers += 1
+        return adopted
 
     # ------------------------------------------------------------ migration
 

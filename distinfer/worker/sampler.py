@@ -57,6 +57,15 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return generator
 
 
+def generator_state_after(seed: int, num_draws: int) -> bytes:
+    """The state of a seeded request's generator after `num_draws` draws (one per token sampled with
+    temperature > 0, as Sampler draws them): what a request resumed from its tokens alone continues from."""
+    generator = make_generator(seed)
+    for _ in range(num_draws):
+        torch.rand(1, dtype=torch.float64, generator=generator)
+    return generator.get_state().numpy().tobytes()
+
+
 def _has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 

@@ -9,7 +9,8 @@ import torch
 from distinfer.config import DistInferConfig
 from distinfer.distributed import parallel_state
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
-from distinfer.worker.kv_transfer import export_blocks, import_blocks
+from distinfer.model.llama import head_dim_of
+from distinfer.worker.kv_transfer import KVLayout, export_blocks, import_blocks
 from distinfer.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ class Worker:
 
     def import_kv_blocks(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
         import_blocks(self.runner.kv_caches, block_ids, layers)
+
+    def kv_layout(self) -> KVLayout:
+        """Which global layers and KV heads this rank's cache holds (what an export of it carries). Heads as
+        the q/k/v projection splits them: rank t of tp holds KV shard t // replicas (replicas = tp / KV heads
+        when tp exceeds them, else 1)."""
+        model, block_size = self.runner.model, self.runner.block_size
+        stage, hf_config = model.model, model.config
+        first_head = num_heads = 0
+        if stage.end_layer > stage.start_layer:
+            qkv = stage.layers[stage.start_layer].self_attn.qkv_proj
+            num_heads = qkv.num_kv_heads
+            first_head = qkv.tp_rank // qkv.kv_replicas * num_heads
+        return KVLayout(stage.start_layer, stage.end_layer - stage.start_layer, first_head, num_heads,
+                        hf_config.num_hidden_layers, hf_config.num_key_value_heads, head_dim_of(hf_config),
+                        block_size, model.dtype)
 
     def sampler_state(self, req_id: str) -> bytes | None:
         """The request's sampler generator state on the rank that samples (None elsewhere, or unseeded)."""

@@ -5,6 +5,8 @@ model; seeded samples, logprobs, text and the client's delta stream identical on
 instances end with every block free."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from distinfer import LLM, SamplingParams
 from distinfer.engine.engine import LLMEngine
 from distinfer.engine.output_processor import RequestOutputKind
 from distinfer.messages import RequestOutput
+from distinfer.worker.kv_transfer import KVShard
 from tests.conftest import hf_greedy, save_tiny_llama
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -103,7 +106,7 @@ def test_a_destination_without_room_refuses_and_changes_nothing(tiny_pair):
     snapshot, kv = src.mover.export_request("mover")
     assert dst.scheduler.kv.allocate_slots("blocker", 60 * 8)  # the fault: the destination is (nearly) full
     before = dst.get_stats()
-    assert before.num_free_blocks < len(kv[0][0])
+    assert before.num_free_blocks < len(kv[0].tensors[0])
     assert dst.mover.commit(snapshot, kv) is False
     assert dst.get_stats().num_free_blocks == before.num_free_blocks and "mover" not in dst.scheduler.requests
     assert not dst.has_unfinished_requests()
@@ -120,12 +123,13 @@ def test_bad_snapshots_are_refused_without_leaking_blocks(tiny_pair):
     src.add_request("x", {"prompt_token_ids": list(range(5000, 5030))}, params)
     _drive(src, [], 3)
     snapshot, kv = src.mover.export_request("x")
-    with pytest.raises(ValueError, match="ranks"):
-        dst.mover.commit(snapshot, kv + kv)
-    truncated = [[layer[:-1] for layer in rank] for rank in kv]
+    deeper = [KVShard(replace(shard.layout, total_layers=3), shard.tensors) for shard in kv]
+    with pytest.raises(ValueError, match="3 layers"):  # another model's KV
+        dst.mover.commit(snapshot, deeper)
+    truncated = [KVShard(shard.layout, [layer[:-1] for layer in shard.tensors]) for shard in kv]
     with pytest.raises(ValueError, match="KV blocks"):
         dst.mover.commit(snapshot, truncated)
-    wrong_shape = [[layer[:, :4] for layer in rank] for rank in kv]
+    wrong_shape = [KVShard(shard.layout, [layer[:, :4] for layer in shard.tensors]) for shard in kv]
     with pytest.raises(ValueError, match="expected"):
         dst.mover.commit(snapshot, wrong_shape)
     assert "x" not in dst.scheduler.requests and not dst.output_processor.has_request("x")
