@@ -48,6 +48,7 @@ from distinfer.router.policies import DEFAULT_DISPATCH_POLICY
 from distinfer.router.router import (
     START_TIMEOUT_S,
     Router,
+    DrainResult,
     RouterConfig,
     RouterState,
 )
@@ -307,9 +308,9 @@ class RouterEngine:
         while self._streams and asyncio.get_running_loop().time() < deadline and not self.is_dead:
             await asyncio.sleep(0.05)
 
-    async def drain_instance(self, instance_id: str, timeout_s: float = 30.0) -> int:
-        """Stop dispatching to one instance and wait (bounded) for its requests; returns how many are left.
-        An unknown id raises ValueError."""
+    async def drain_instance(self, instance_id: str, timeout_s: float = 30.0) -> DrainResult:
+        """Stop dispatching to one instance, move its requests to the others and wait (bounded) for the
+        rest; says how many moved and how many are left. An unknown id raises ValueError."""
         try:
             return await self.router.drain_instance.remote(instance_id, timeout_s)
         except RayTaskError as exc:

@@ -35,7 +35,7 @@ from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullErro
 from distinfer.messages import EngineRequest, RequestOutput
 from distinfer.router.failover import resume_snapshot
 from distinfer.router.instance import EngineInstance, InstanceInfo, remote_error
-from distinfer.router.migration import MigrationConfig, MigrationResult, migrate
+from distinfer.router.migration import MigrationConfig, MigrationResult, MigrationStatus, migrate
 from distinfer.router.policies import (
     DEFAULT_DISPATCH_POLICY,
     DispatchRequest,
@@ -50,6 +50,13 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0  # loading a model on every instance
 SHUTDOWN_TIMEOUT_S = 30.0
 _CONTROL_CONCURRENCY = 64  # actor calls besides the streams: reports, aborts, state
+
+
+@dataclass
+class DrainResult:
+    instance_id: str
+    moved: int  # requests moved to other instances
+    remaining: int  # requests still on it when drain_instance returned (0: it can be removed)
 
 
 @dataclass
@@ -304,19 +311,25 @@ class Router:
             await asyncio.sleep(0.05)
         return len(self.streams)
 
-    async def drain_instance(self, instance_id: str, timeout_s: float = 30.0) -> int:
-        """Stop dispatching to one instance, and wait (up to timeout_s) for its requests to finish;
-        returns how many are left on it. The instance refuses new requests from then on."""
+    async def drain_instance(self, instance_id: str, timeout_s: float = 30.0) -> DrainResult:
+        """Stop dispatching to one instance, move its requests to the others (live migration; one that
+        cannot move finishes where it is), and wait (up to timeout_s) until it holds none. The instance
+        refuses new requests from then on; once empty it can be removed with no request dropped."""
         instance = self.instances.get(instance_id)
         if instance is None:
             raise ValueError(f"unknown instance {instance_id!r}; known: {sorted(self.instances)}")
         instance.stop_dispatch = True
+        moves = [self.migrate(request_id) for request_id, stream in list(instance.streams.items())
+                 if not stream.migrating and any(i.open for i in self.instances.values())]
+        results = await asyncio.gather(*moves, return_exceptions=True)
+        moved = sum(isinstance(r, MigrationResult) and r.status == MigrationStatus.FINISHED for r in results)
         if instance.alive:
             try:
                 await instance.actor.drain.remote(timeout_s)
             except (RayActorError, RayTaskError) as exc:
                 logger.warning("draining %s failed: %s", instance_id, exc)
-        return len(instance.streams)
+        logger.info("drained %s: %d request(s) moved, %d left", instance_id, moved, len(instance.streams))
+        return DrainResult(instance_id, moved, len(instance.streams))
 
     # ------------------------------------------------------------ load reports
 

@@ -22,7 +22,8 @@ STOP_AND_COPY = MigrationConfig(max_stages=0)
 def engine(ray_session, tiny_model_dir):
     from distinfer.router import RouterEngine
 
-    engine = RouterEngine(tiny_model_dir, num_instances=3, **ENGINE_ARGS)  # the last two tests kill one each
+    # the last three tests drain one instance and kill two
+    engine = RouterEngine(tiny_model_dir, num_instances=4, **ENGINE_ARGS)
     yield engine
     stop_engine(engine)
 
@@ -35,6 +36,15 @@ def received(outputs) -> tuple:
         text += out.outputs[0].text
         logprobs += out.outputs[0].logprobs or []
     return tokens, text, logprobs, outputs[-1].finished if outputs else False
+
+
+def assert_same_stream(got: tuple, expected: tuple, context: str) -> None:
+    """Tokens, text and the end exactly; logprobs to float tolerance, for runs whose numerics may differ in
+    the last bits (batched with other requests, or KV from one prefill instead of step-by-step decoding)."""
+    assert (got[0], got[1], got[3]) == (expected[0], expected[1], expected[3]), context
+    for mine, theirs in zip(got[2], expected[2], strict=True):
+        assert mine.keys() == theirs.keys(), context
+        assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-3 for t in mine), context
 
 
 async def stream_with_move(engine, request_id: str, move_after: int, config: MigrationConfig | None = None,
@@ -122,6 +132,30 @@ def test_a_request_finishing_during_its_move_streams_everything_once(engine):
     wait_idle(engine)
 
 
+def test_drain_moves_every_request_away_and_leaves_the_instance_empty(engine):
+    import ray
+
+    async def run() -> None:
+        expected = await reference(engine)
+        gens = [engine.generate(PROMPT, SEEDED.clone(), f"drain-{i}") for i in range(6)]
+        outputs = [[await anext(gen)] for gen in gens]
+        where = [await engine.where(f"drain-{i}") for i in range(6)]
+        victim = max(set(where), key=where.count)
+        result = await engine.drain_instance(victim, timeout_s=30)
+        assert (result.moved, result.remaining) == (where.count(victim), 0), result
+        load = ray.get(actors(engine)[victim].load.remote())
+        assert load.num_running + load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
+        for i, gen in enumerate(gens):
+            outputs[i] += [out async for out in gen]
+            assert_same_stream(received(outputs[i]), expected, f"request {i} (on {where[i]}, drained {victim})")
+        for i in range(3):  # new requests avoid the drained instance
+            await anext(engine.generate(PROMPT, SEEDED.clone(), f"after-drain-{i}"))
+            assert await engine.where(f"after-drain-{i}") != victim
+            await engine.abort(f"after-drain-{i}")
+    asyncio.run(run())
+    wait_idle(engine)
+
+
 def test_a_dead_destination_leaves_the_request_at_the_source(engine):
     """Last in the module: it kills one instance."""
     import ray
@@ -158,13 +192,7 @@ def test_requests_of_a_killed_instance_resume_elsewhere_unchanged(engine):
                 if len(outputs) == kill_after:
                     victim = await engine.where(f"failover-{kill_after}")
                     ray.kill(actors(engine)[victim])
-            got = received(outputs)
-            # Tokens and text exactly; logprobs to float tolerance: the resumed request's KV comes from one
-            # prefill instead of step-by-step decoding, which sums in another order.
-            assert (got[0], got[1], got[3]) == (expected[0], expected[1], expected[3]), f"killed after {kill_after}"
-            for mine, theirs in zip(got[2], expected[2], strict=True):
-                assert mine.keys() == theirs.keys()
-                assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-3 for t in mine)
+            assert_same_stream(received(outputs), expected, f"killed after {kill_after} outputs")
             if len(actors(engine)) == 1:
                 break
     asyncio.run(run())
