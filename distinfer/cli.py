@@ -175,6 +175,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dispatch-policy", default=None, choices=dispatch_policy_names(),
                         help=f"how the router places new requests (needs --instances > 1; default "
                              f"{DEFAULT_DISPATCH_POLICY}): least_load (lowest virtual KV usage) or round_robin")
+    parser.add_argument("--prefill-instances", type=int, default=0,
+                        help="prefill/decode disaggregation: instances that take new requests (prompt and first token); "
+                             "each request then moves to one of the --decode-instances, chosen by load")
+    parser.add_argument("--decode-instances", type=int, default=0,
+                        help="prefill/decode disaggregation: instances that decode requests handed over after their first "
+                             "token (give both; together they are all the instances)")
     for f in dataclasses.fields(ServerLimits):
         kind = float if f.name.endswith("_s") else int
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
@@ -201,7 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
             grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=api_key, tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, limits=server_limits(args),
-            log_level=args.log_level.lower(), num_instances=args.instances, dispatch_policy=args.dispatch_policy)
+            log_level=args.log_level.lower(), num_instances=args.instances, dispatch_policy=args.dispatch_policy,
+            prefill_instances=args.prefill_instances, decode_instances=args.decode_instances)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

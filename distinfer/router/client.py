@@ -137,9 +137,13 @@ class RouterEngine:
     def __init__(self, model: str | None = None, *, num_instances: int = 2,
                  dispatch_policy: str = DEFAULT_DISPATCH_POLICY, load_interval_s: float = 0.1,
                  state_interval_s: float = 0.25, ray_address: str | None = None,
-                 migration: MigrationConfig | None = None, **engine_kwargs: Any) -> None:
+                 migration: MigrationConfig | None = None, prefill_instances: int = 0, decode_instances: int = 0,
+                 **engine_kwargs: Any) -> None:
+        if prefill_instances or decode_instances:  # prefill/decode disaggregation: P + D instances
+            num_instances = prefill_instances + decode_instances
         self.router_config = RouterConfig(num_instances, dispatch_policy, load_interval_s,
-                                          migration=migration or MigrationConfig())
+                                          migration=migration or MigrationConfig(),
+                                          prefill_instances=prefill_instances, decode_instances=decode_instances)
         # Every engine argument, the model path and its shapes are checked before any actor starts.
         config = build_config(model, **engine_kwargs)
         check_parallel_shapes(load_hf_config(config.model), config.parallel)

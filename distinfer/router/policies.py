@@ -145,3 +145,17 @@ def make_dispatch_policy(name: str, **kwargs: Any) -> DispatchPolicy:
 
 register_dispatch_policy(LeastLoadPolicy)
 register_dispatch_policy(RoundRobinPolicy)
+
+
+def check_pd_split(prefill: int, decode: int, num_instances: int | None = None) -> int:
+    """Prefill/decode disaggregation's instance counts (0 and 0: off); returns P + D. With `num_instances`,
+    P + D must make up all of them."""
+    for name, value in (("prefill_instances", prefill), ("decode_instances", decode)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    total = prefill + decode
+    if total and (prefill < 1 or decode < 1 or (num_instances is not None and total != num_instances)):
+        of = f" making up all {num_instances} instances" if num_instances is not None else ""
+        raise ValueError(f"prefill/decode disaggregation needs >= 1 prefill and >= 1 decode instance{of}; "
+                         f"got {prefill} prefill + {decode} decode")
+    return total

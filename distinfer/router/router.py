@@ -40,6 +40,7 @@ from distinfer.router.policies import (
     DEFAULT_DISPATCH_POLICY,
     DispatchRequest,
     check_dispatch_policy,
+    check_pd_split,
     make_dispatch_policy,
 )
 from distinfer.router.state import RequestStream, RouterState, _Instance
@@ -47,9 +48,21 @@ from distinfer.router.stats import sum_stats
 
 logger = logging.getLogger(__name__)
 
+PD_HAND_OFF = MigrationConfig(max_stages=0)  # the prompt's KV in one stage, right after the first token
+# Where a request may move from an instance of each role (prefill hands off to decode; decode stays decode).
+_DESTINATION_ROLES = {"both": ("both",), "prefill": ("decode",), "decode": ("decode",)}
+
 START_TIMEOUT_S = 600.0  # loading a model on every instance
 SHUTDOWN_TIMEOUT_S = 30.0
 _CONTROL_CONCURRENCY = 64  # actor calls besides the streams: reports, aborts, state
+
+
+def instance_roles(config: RouterConfig) -> list[tuple[str, str]]:
+    """(instance id, role) of every instance."""
+    if not config.prefill_instances:
+        return [(f"instance-{i}", "both") for i in range(config.num_instances)]
+    return ([(f"prefill-{i}", "prefill") for i in range(config.prefill_instances)]
+            + [(f"decode-{i}", "decode") for i in range(config.decode_instances)])
 
 
 @dataclass
@@ -68,10 +81,15 @@ class RouterConfig:
     load_interval_s: float = 0.1  # how often every instance is asked for its load
     load_timeout_s: float = 10.0  # a report that takes longer is skipped (the previous one stays)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    # Prefill/decode disaggregation: that many of the instances take new requests (prompt and first
+    # token), the others decode; 0 and 0: every instance does both.
+    prefill_instances: int = 0
+    decode_instances: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int) or self.num_instances < 1:
             raise ValueError(f"num_instances must be an integer >= 1, got {self.num_instances!r}")
+        check_pd_split(self.prefill_instances, self.decode_instances, self.num_instances)
         check_dispatch_policy(self.dispatch_policy)
         if not 0.0 < self.load_interval_s <= 60.0:
             raise ValueError(f"load_interval_s must be in (0, 60], got {self.load_interval_s}")
@@ -103,10 +121,9 @@ class Router:
         options = dict(instance_options or {}, max_concurrency=concurrency)
         actor_cls = ray.remote(EngineInstance)
         self.instances: dict[str, _Instance] = {}
-        for index in range(config.num_instances):
-            instance_id = f"instance-{index}"
+        for instance_id, role in instance_roles(config):
             actor = actor_cls.options(**options).remote(instance_id, model, engine_kwargs)
-            self.instances[instance_id] = _Instance(instance_id, actor)
+            self.instances[instance_id] = _Instance(instance_id, actor, role)
 
     # ------------------------------------------------------------ life cycle
 
@@ -169,7 +186,7 @@ class Router:
         return stream
 
     def _choose(self, request: EngineRequest) -> _Instance:
-        candidates = [i for i in self.instances.values() if i.open]
+        candidates = [i for i in self.instances.values() if i.open and i.role != "decode"]
         if not candidates:
             raise EngineDrainingError("every engine instance is draining: not accepting new requests")
         candidates = [i for i in candidates if len(i.streams) < i.info.max_pending_requests]  # type: ignore[union-attr]
@@ -192,6 +209,9 @@ class Router:
                     yield output
                     if output.finished:
                         return
+                    if instance.role == "prefill" and not stream.handed_off and stream.num_delivered_tokens:
+                        stream.handed_off = True
+                        asyncio.ensure_future(self._hand_off(stream))
             except RayTaskError as exc:  # the instance refused or failed the request (or its engine died)
                 cause = remote_error(exc)
                 if isinstance(cause, RequestMovedError) and stream.moved_to is not None:
@@ -207,6 +227,18 @@ class Router:
             raise EngineDeadError(f"engine instance {instance.instance_id} ended request "
                                   f"{stream.request.request_id} without a final output")
 
+    async def _hand_off(self, stream: RequestStream) -> None:
+        """Prefill/decode: the request has its first token; it moves (one stage) to a decode instance chosen
+        by load. If that fails it goes on decoding where it is."""
+        try:
+            result = await self.migrate(stream.request.request_id, config=PD_HAND_OFF)
+        except (KeyError, ValueError, EngineDrainingError) as exc:  # finished already, or no decode instance open
+            logger.info("no hand-off for request %s: %s", stream.request.request_id, exc)
+            return
+        if result.status != MigrationStatus.FINISHED:
+            logger.warning("hand-off of request %s to a decode instance failed (%s): it decodes on %s",
+                           stream.request.request_id, result.reason, result.source)
+
     async def _fail_over(self, stream: RequestStream, dead: _Instance) -> Any:
         """Resume a request of a dead instance on a live one (see router/failover.py); its output stream
         there. EngineDeadError when that cannot be done (no instance left, n > 1, or it failed there too)."""
@@ -214,7 +246,7 @@ class Router:
         where = f"engine instance {dead.instance_id} died while serving request {request_id}"
         try:
             snapshot = resume_snapshot(stream)
-            dst = self._destination_for(stream, None)
+            dst = self._destination_for(stream, None, any_role=True)
         except (ValueError, EngineDrainingError) as exc:
             raise EngineDeadError(f"{where} ({stream.num_delivered_tokens} tokens were streamed) and it cannot "
                                   f"resume elsewhere: {exc}") from None
@@ -253,14 +285,16 @@ class Router:
         finally:
             stream.migrating = False
 
-    def _destination_for(self, stream: RequestStream, destination: str | None) -> _Instance:
+    def _destination_for(self, stream: RequestStream, destination: str | None, any_role: bool = False) -> _Instance:
         if destination is not None:
             dst = self.instances.get(destination)
             if dst is None or not dst.alive or destination == stream.instance_id:
                 raise ValueError(f"cannot move request {stream.request.request_id!r} to {destination!r}: "
                                  "not another live instance")
             return dst
-        candidates = [i for i in self.instances.values() if i.open and i.instance_id != stream.instance_id]
+        roles = ("both", "prefill", "decode") if any_role else _DESTINATION_ROLES[self.instances[stream.instance_id].role]
+        candidates = [i for i in self.instances.values()
+                      if i.open and i.instance_id != stream.instance_id and i.role in roles]
         if not candidates:
             raise EngineDrainingError("no other instance takes requests")
         chosen = self.policy.pick([i.view() for i in candidates],

@@ -37,6 +37,7 @@ class RequestStream:
     finished: bool = False
     aborted: bool = False  # the caller asked to abort; the instance's final "abort" output ends it
     migrating: bool = False  # one migration at a time
+    handed_off: bool = False  # prefill/decode: the hand-off to a decode instance was tried
     moved_to: Any = None  # the destination's output stream, read once the source's ends with RequestMovedError
 
     def record(self, output: RequestOutput) -> None:
@@ -73,6 +74,7 @@ class _Instance:
 
     instance_id: str
     actor: Any
+    role: str = "both"  # "prefill" / "decode" under prefill/decode disaggregation
     info: InstanceInfo | None = None
     load: InstanceLoad | None = None
     dead_reason: str | None = None

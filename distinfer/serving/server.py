@@ -27,7 +27,7 @@ import uvicorn
 
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.errors import EngineDrainingError
-from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, check_dispatch_policy
+from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, check_dispatch_policy, check_pd_split
 from distinfer.serving.http_guard import HeaderLimitedH11Protocol
 from distinfer.serving.limits import ServerLimits
 from distinfer.serving.metrics import EngineMetrics
@@ -60,11 +60,19 @@ class ServeOptions:
     log_level: str = "warning"
     num_instances: int = 1  # > 1: that many engine instances behind a router (distinfer.router)
     dispatch_policy: str | None = None  # the router's; only with num_instances > 1 (default least_load)
+    prefill_instances: int = 0  # prefill/decode disaggregation: P prefill + D decode instances
+    decode_instances: int = 0
 
     def __post_init__(self) -> None:
         if not self.drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
-        check_instances(self.num_instances, self.dispatch_policy)
+        self.num_instances = check_instances(self.num_instances, self.dispatch_policy, self.prefill_instances,
+                                             self.decode_instances)
+
+    @property
+    def router_kwargs(self) -> dict[str, Any]:
+        return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
+                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances)
 
     @property
     def model_name(self) -> str:
@@ -73,26 +81,35 @@ class ServeOptions:
         return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else DEFAULT_MODEL_NAME
 
 
-def check_instances(num_instances: int, dispatch_policy: str | None) -> None:
-    """--instances / --dispatch-policy (and the Serve app's num_instances / dispatch_policy)."""
+def check_instances(num_instances: int, dispatch_policy: str | None, prefill_instances: int = 0,
+                    decode_instances: int = 0) -> int:
+    """--instances / --dispatch-policy / --prefill-instances / --decode-instances (and the Serve app's
+    fields of the same names); returns the number of instances (P + D under disaggregation)."""
     if isinstance(num_instances, bool) or not isinstance(num_instances, int) or num_instances < 1:
         raise ValueError(f"the number of instances (--instances, num_instances) must be an integer >= 1, "
                          f"got {num_instances!r}")
+    total = check_pd_split(prefill_instances, decode_instances)
+    if total:
+        if num_instances not in (1, total):
+            raise ValueError(f"--instances {num_instances} does not match --prefill-instances {prefill_instances} "
+                             f"+ --decode-instances {decode_instances}; give only the latter two")
+        num_instances = total
     if dispatch_policy is not None:
         if num_instances == 1:
             raise ValueError("a dispatch policy needs more than one instance (--instances / num_instances > 1)")
         check_dispatch_policy(dispatch_policy)
+    return num_instances
 
 
 def make_engine(model: str | None, engine_kwargs: dict[str, Any], num_instances: int = 1,
-                dispatch_policy: str | None = None) -> Any:
+                dispatch_policy: str | None = None, prefill_instances: int = 0, decode_instances: int = 0) -> Any:
     """One instance: an AsyncLLM in this process. More: a RouterEngine over that many instances."""
     if num_instances == 1:
         return AsyncLLM(model, **engine_kwargs)
     from distinfer.router.client import RouterEngine  # Ray is imported only here
 
     return RouterEngine(model, num_instances=num_instances, dispatch_policy=dispatch_policy or DEFAULT_DISPATCH_POLICY,
-                        **engine_kwargs)
+                        prefill_instances=prefill_instances, decode_instances=decode_instances, **engine_kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -248,8 +265,7 @@ async def run_server(options: ServeOptions, on_ready: Callable[[DistInferServer]
     if handle_signals:
         _install_signal_handlers(loop, stop)
     logger.info("loading %s", options.model or "the default model")
-    engine = await asyncio.to_thread(make_engine, options.model, options.engine_kwargs, options.num_instances,
-                                     options.dispatch_policy)
+    engine = await asyncio.to_thread(make_engine, options.model, options.engine_kwargs, **options.router_kwargs)
     if handle_signals:
         # Again: starting Ray installs abseil's failure-signal handler over ours for SIGTERM, which
         # aborts the process (SIGABRT, exit 134) 3 s after the signal, in the middle of the drain.
