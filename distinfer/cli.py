@@ -8,6 +8,7 @@ import logging
 import sys
 
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, dispatch_policy_names
+from distinfer.router.rebalance import migration_policy_names
 from distinfer.sampling_params import SamplingParams
 from distinfer.serving.limits import ServerLimits
 
@@ -175,6 +176,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dispatch-policy", default=None, choices=dispatch_policy_names(),
                         help=f"how the router places new requests (needs --instances > 1; default "
                              f"{DEFAULT_DISPATCH_POLICY}): least_load (lowest virtual KV usage) or round_robin")
+    parser.add_argument("--migration-policy", default=None, choices=migration_policy_names(),
+                        help="live migrations the router starts on its own (needs --instances > 1; default none): "
+                             "balance (from the most to the least loaded instance) or defrag (room for a queued "
+                             "request that does not fit)")
     parser.add_argument("--prefill-instances", type=int, default=0,
                         help="prefill/decode disaggregation: instances that take new requests (prompt and first token); "
                              "each request then moves to one of the --decode-instances, chosen by load")
@@ -208,7 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=api_key, tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, limits=server_limits(args),
             log_level=args.log_level.lower(), num_instances=args.instances, dispatch_policy=args.dispatch_policy,
-            prefill_instances=args.prefill_instances, decode_instances=args.decode_instances)
+            prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
+            migration_policy=args.migration_policy)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from distinfer.model.loader import load_hf_config, load_tokenizer
 from distinfer.router.instance import InstanceInfo, remote_error
 from distinfer.router.migration import MigrationConfig, MigrationResult
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY
+from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY
 from distinfer.router.router import (
     START_TIMEOUT_S,
     Router,
@@ -138,12 +139,13 @@ class RouterEngine:
                  dispatch_policy: str = DEFAULT_DISPATCH_POLICY, load_interval_s: float = 0.1,
                  state_interval_s: float = 0.25, ray_address: str | None = None,
                  migration: MigrationConfig | None = None, prefill_instances: int = 0, decode_instances: int = 0,
-                 **engine_kwargs: Any) -> None:
+                 migration_policy: str = DEFAULT_MIGRATION_POLICY, **engine_kwargs: Any) -> None:
         if prefill_instances or decode_instances:  # prefill/decode disaggregation: P + D instances
             num_instances = prefill_instances + decode_instances
         self.router_config = RouterConfig(num_instances, dispatch_policy, load_interval_s,
                                           migration=migration or MigrationConfig(),
-                                          prefill_instances=prefill_instances, decode_instances=decode_instances)
+                                          prefill_instances=prefill_instances, decode_instances=decode_instances,
+                                          migration_policy=migration_policy)
         # Every engine argument, the model path and its shapes are checked before any actor starts.
         config = build_config(model, **engine_kwargs)
         check_parallel_shapes(load_hf_config(config.model), config.parallel)

@@ -43,6 +43,7 @@ from distinfer.router.policies import (
     check_pd_split,
     make_dispatch_policy,
 )
+from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY, check_migration_policy, make_migration_policy
 from distinfer.router.state import RequestStream, RouterState, _Instance
 from distinfer.router.stats import sum_stats
 
@@ -85,11 +86,13 @@ class RouterConfig:
     # token), the others decode; 0 and 0: every instance does both.
     prefill_instances: int = 0
     decode_instances: int = 0
+    migration_policy: str = DEFAULT_MIGRATION_POLICY  # moves the router starts on its own (router/rebalance.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int) or self.num_instances < 1:
             raise ValueError(f"num_instances must be an integer >= 1, got {self.num_instances!r}")
         check_pd_split(self.prefill_instances, self.decode_instances, self.num_instances)
+        check_migration_policy(self.migration_policy)
         check_dispatch_policy(self.dispatch_policy)
         if not 0.0 < self.load_interval_s <= 60.0:
             raise ValueError(f"load_interval_s must be in (0, 60], got {self.load_interval_s}")
@@ -112,6 +115,8 @@ class Router:
         logging.getLogger("distinfer").setLevel(logging.INFO)
         self.config = config
         self.policy = make_dispatch_policy(config.dispatch_policy)
+        self.migration_policy = make_migration_policy(config.migration_policy)
+        self.migrations: collections.Counter = collections.Counter()  # results by status (all causes)
         self.streams: dict[str, RequestStream] = {}
         self.num_failovers = 0  # requests resumed on another instance after theirs died
         self._draining = False
@@ -239,6 +244,26 @@ class Router:
             logger.warning("hand-off of request %s to a decode instance failed (%s): it decodes on %s",
                            stream.request.request_id, result.reason, result.source)
 
+    def _rebalance(self) -> None:
+        """Start the moves the migration policy asks for, within each pool of instances of one role."""
+        for role in ("both", "prefill", "decode"):
+            pool = [i for i in self.instances.values() if i.role == role and i.open and not i.moving]
+            for move in self.migration_policy.plan([i.view() for i in pool]):
+                src, dst = self.instances[move.source], self.instances[move.destination]
+                movable = [s for s in src.streams.values() if not s.migrating and not s.finished and not s.aborted]
+                if movable:  # the least KV to copy
+                    stream = min(movable, key=lambda s: len(s.request.prompt_token_ids) + s.num_delivered_tokens)
+                    src.moving = dst.moving = True
+                    asyncio.ensure_future(self._policy_move(stream.request.request_id, src, dst))
+
+    async def _policy_move(self, request_id: str, src: _Instance, dst: _Instance) -> None:
+        try:
+            await self.migrate(request_id, dst.instance_id)
+        except (KeyError, ValueError, EngineDrainingError) as exc:  # finished, or moving already
+            logger.debug("policy move of %s not started: %s", request_id, exc)
+        finally:
+            src.moving = dst.moving = False
+
     async def _fail_over(self, stream: RequestStream, dead: _Instance) -> Any:
         """Resume a request of a dead instance on a live one (see router/failover.py); its output stream
         there. EngineDeadError when that cannot be done (no instance left, n > 1, or it failed there too)."""
@@ -281,9 +306,11 @@ class Router:
         dst = self._destination_for(stream, destination)
         stream.migrating = True
         try:
-            return await migrate(self, stream, src, dst, config or self.config.migration)
+            result = await migrate(self, stream, src, dst, config or self.config.migration)
         finally:
             stream.migrating = False
+        self.migrations[result.status.value] += 1
+        return result
 
     def _destination_for(self, stream: RequestStream, destination: str | None, any_role: bool = False) -> _Instance:
         if destination is not None:
@@ -372,6 +399,7 @@ class Router:
             await asyncio.sleep(self.config.load_interval_s)
             try:
                 await self._report_all()
+                self._rebalance()
             except Exception:  # a report must never stop the loop
                 logger.exception("load reports failed")
 
@@ -421,7 +449,8 @@ class Router:
         dead = {i.instance_id: i.dead_reason for i in self.instances.values() if i.dead_reason is not None}
         draining = self._draining or not any(i.open for i in live)
         dead_error = None if any(i.alive for i in self.instances.values()) else self._dead_message()
-        return RouterState(stats, loads, dead, draining, len(self.streams), dead_error)  # type: ignore[arg-type]
+        return RouterState(stats, loads, dead, draining, len(self.streams), dead_error,  # type: ignore[arg-type]
+                           dict(self.migrations), self.num_failovers)
 
     def instance_actors(self) -> dict[str, Any]:
         """The live instances' actor handles, by id (admin and tests)."""

@@ -66,6 +66,8 @@ class RouterState:
     draining: bool  # the router refuses new requests (drain(), or every live instance drains)
     num_streams: int
     dead_error: str | None  # set when no instance is left
+    migrations: dict[str, int] = field(default_factory=dict)  # migrations by result status (all causes)
+    num_failovers: int = 0  # requests resumed elsewhere after their instance died
 
 
 @dataclass
@@ -79,6 +81,7 @@ class _Instance:
     load: InstanceLoad | None = None
     dead_reason: str | None = None
     stop_dispatch: bool = False  # drain_instance() was called
+    moving: bool = False  # in a migration started by the migration policy (one at a time)
     streams: dict[str, RequestStream] = field(default_factory=dict)  # in flight through the router
     priorities: collections.Counter = field(default_factory=collections.Counter)
     unreported: list[tuple[float, int]] = field(default_factory=list)  # (dispatched at, prompt tokens)

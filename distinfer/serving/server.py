@@ -28,6 +28,7 @@ import uvicorn
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.errors import EngineDrainingError
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, check_dispatch_policy, check_pd_split
+from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY, check_migration_policy
 from distinfer.serving.http_guard import HeaderLimitedH11Protocol
 from distinfer.serving.limits import ServerLimits
 from distinfer.serving.metrics import EngineMetrics
@@ -62,17 +63,19 @@ class ServeOptions:
     dispatch_policy: str | None = None  # the router's; only with num_instances > 1 (default least_load)
     prefill_instances: int = 0  # prefill/decode disaggregation: P prefill + D decode instances
     decode_instances: int = 0
+    migration_policy: str | None = None  # moves the router starts on its own (default none)
 
     def __post_init__(self) -> None:
         if not self.drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         self.num_instances = check_instances(self.num_instances, self.dispatch_policy, self.prefill_instances,
-                                             self.decode_instances)
+                                             self.decode_instances, self.migration_policy)
 
     @property
     def router_kwargs(self) -> dict[str, Any]:
         return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
-                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances)
+                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
+                    migration_policy=self.migration_policy)
 
     @property
     def model_name(self) -> str:
@@ -82,7 +85,7 @@ class ServeOptions:
 
 
 def check_instances(num_instances: int, dispatch_policy: str | None, prefill_instances: int = 0,
-                    decode_instances: int = 0) -> int:
+                    decode_instances: int = 0, migration_policy: str | None = None) -> int:
     """--instances / --dispatch-policy / --prefill-instances / --decode-instances (and the Serve app's
     fields of the same names); returns the number of instances (P + D under disaggregation)."""
     if isinstance(num_instances, bool) or not isinstance(num_instances, int) or num_instances < 1:
@@ -94,22 +97,26 @@ def check_instances(num_instances: int, dispatch_policy: str | None, prefill_ins
             raise ValueError(f"--instances {num_instances} does not match --prefill-instances {prefill_instances} "
                              f"+ --decode-instances {decode_instances}; give only the latter two")
         num_instances = total
-    if dispatch_policy is not None:
-        if num_instances == 1:
-            raise ValueError("a dispatch policy needs more than one instance (--instances / num_instances > 1)")
-        check_dispatch_policy(dispatch_policy)
+    for what, name, check in (("dispatch", dispatch_policy, check_dispatch_policy),
+                              ("migration", migration_policy, check_migration_policy)):
+        if name is not None:
+            if num_instances == 1:
+                raise ValueError(f"a {what} policy needs more than one instance (--instances / num_instances > 1)")
+            check(name)
     return num_instances
 
 
 def make_engine(model: str | None, engine_kwargs: dict[str, Any], num_instances: int = 1,
-                dispatch_policy: str | None = None, prefill_instances: int = 0, decode_instances: int = 0) -> Any:
+                dispatch_policy: str | None = None, prefill_instances: int = 0, decode_instances: int = 0,
+                migration_policy: str | None = None) -> Any:
     """One instance: an AsyncLLM in this process. More: a RouterEngine over that many instances."""
     if num_instances == 1:
         return AsyncLLM(model, **engine_kwargs)
     from distinfer.router.client import RouterEngine  # Ray is imported only here
 
     return RouterEngine(model, num_instances=num_instances, dispatch_policy=dispatch_policy or DEFAULT_DISPATCH_POLICY,
-                        prefill_instances=prefill_instances, decode_instances=decode_instances, **engine_kwargs)
+                        prefill_instances=prefill_instances, decode_instances=decode_instances,
+                        migration_policy=migration_policy or DEFAULT_MIGRATION_POLICY, **engine_kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
