@@ -44,12 +44,12 @@ from distinfer.messages import (
 from distinfer.model.loader import load_hf_config, load_tokenizer
 from distinfer.router.instance import InstanceInfo, remote_error
 from distinfer.router.migration import MigrationConfig, MigrationResult
+from distinfer.router.moves import DrainResult
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY
 from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY
 from distinfer.router.router import (
     START_TIMEOUT_S,
     Router,
-    DrainResult,
     RouterConfig,
     RouterState,
 )

@@ -33,9 +33,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from distinfer.engine.output_processor import RequestOutputKind
 from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestMovedError
 from distinfer.messages import EngineRequest, RequestOutput
-from distinfer.router.failover import resume_snapshot
 from distinfer.router.instance import EngineInstance, InstanceInfo, remote_error
-from distinfer.router.migration import MigrationConfig, MigrationResult, MigrationStatus, migrate
+from distinfer.router.migration import MigrationConfig
 from distinfer.router.policies import (
     DEFAULT_DISPATCH_POLICY,
     DispatchRequest,
@@ -43,15 +42,13 @@ from distinfer.router.policies import (
     check_pd_split,
     make_dispatch_policy,
 )
+from distinfer.router.moves import RequestMoves
 from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY, check_migration_policy, make_migration_policy
 from distinfer.router.state import RequestStream, RouterState, _Instance
 from distinfer.router.stats import sum_stats
 
 logger = logging.getLogger(__name__)
 
-PD_HAND_OFF = MigrationConfig(max_stages=0)  # the prompt's KV in one stage, right after the first token
-# Where a request may move from an instance of each role (prefill hands off to decode; decode stays decode).
-_DESTINATION_ROLES = {"both": ("both",), "prefill": ("decode",), "decode": ("decode",)}
 
 START_TIMEOUT_S = 600.0  # loading a model on every instance
 SHUTDOWN_TIMEOUT_S = 30.0
@@ -64,13 +61,6 @@ def instance_roles(config: RouterConfig) -> list[tuple[str, str]]:
         return [(f"instance-{i}", "both") for i in range(config.num_instances)]
     return ([(f"prefill-{i}", "prefill") for i in range(config.prefill_instances)]
             + [(f"decode-{i}", "decode") for i in range(config.decode_instances)])
-
-
-@dataclass
-class DrainResult:
-    instance_id: str
-    moved: int  # requests moved to other instances
-    remaining: int  # requests still on it when drain_instance returned (0: it can be removed)
 
 
 @dataclass
@@ -106,7 +96,7 @@ def _death(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(why or lines or [''])[0]}"
 
 
-class Router:
+class Router(RequestMoves):
     """The actor body: `ray.remote(Router).options(...).remote(model, engine_kwargs, config, instance_options)`,
     then `start()` once before any request."""
 
@@ -232,113 +222,7 @@ class Router:
             raise EngineDeadError(f"engine instance {instance.instance_id} ended request "
                                   f"{stream.request.request_id} without a final output")
 
-    async def _hand_off(self, stream: RequestStream) -> None:
-        """Prefill/decode: the request has its first token; it moves (one stage) to a decode instance chosen
-        by load. If that fails it goes on decoding where it is."""
-        try:
-            result = await self.migrate(stream.request.request_id, config=PD_HAND_OFF)
-        except (KeyError, ValueError, EngineDrainingError) as exc:  # finished already, or no decode instance open
-            logger.info("no hand-off for request %s: %s", stream.request.request_id, exc)
-            return
-        if result.status != MigrationStatus.FINISHED:
-            logger.warning("hand-off of request %s to a decode instance failed (%s): it decodes on %s",
-                           stream.request.request_id, result.reason, result.source)
-
-    def _rebalance(self) -> None:
-        """Start the moves the migration policy asks for, within each pool of instances of one role."""
-        for role in ("both", "prefill", "decode"):
-            pool = [i for i in self.instances.values() if i.role == role and i.open and not i.moving]
-            for move in self.migration_policy.plan([i.view() for i in pool]):
-                src, dst = self.instances[move.source], self.instances[move.destination]
-                movable = [s for s in src.streams.values() if not s.migrating and not s.finished and not s.aborted]
-                if movable:  # the least KV to copy
-                    stream = min(movable, key=lambda s: len(s.request.prompt_token_ids) + s.num_delivered_tokens)
-                    src.moving = dst.moving = True
-                    asyncio.ensure_future(self._policy_move(stream.request.request_id, src, dst))
-
-    async def _policy_move(self, request_id: str, src: _Instance, dst: _Instance) -> None:
-        try:
-            await self.migrate(request_id, dst.instance_id)
-        except (KeyError, ValueError, EngineDrainingError) as exc:  # finished, or moving already
-            logger.debug("policy move of %s not started: %s", request_id, exc)
-        finally:
-            src.moving = dst.moving = False
-
-    async def _fail_over(self, stream: RequestStream, dead: _Instance) -> Any:
-        """Resume a request of a dead instance on a live one (see router/failover.py); its output stream
-        there. EngineDeadError when that cannot be done (no instance left, n > 1, or it failed there too)."""
-        request_id = stream.request.request_id
-        where = f"engine instance {dead.instance_id} died while serving request {request_id}"
-        try:
-            snapshot = resume_snapshot(stream)
-            dst = self._destination_for(stream, None, any_role=True)
-        except (ValueError, EngineDrainingError) as exc:
-            raise EngineDeadError(f"{where} ({stream.num_delivered_tokens} tokens were streamed) and it cannot "
-                                  f"resume elsewhere: {exc}") from None
-        adopted = dst.actor.adopt.options(num_returns="streaming").remote(snapshot, [], 0)
-        try:
-            committed = await (await adopted.__anext__())
-        except (RayTaskError, RayActorError, StopAsyncIteration) as exc:
-            raise EngineDeadError(f"{where}; resuming it on {dst.instance_id} failed too: {exc}") from None
-        if not committed:
-            raise EngineDeadError(f"{where}; {dst.instance_id} could not take it")
-        logger.warning("%s: it resumes on %s from its %d streamed tokens", where, dst.instance_id,
-                       stream.num_delivered_tokens)
-        dead.remove(stream)
-        stream.instance_id = dst.instance_id
-        dst.add(stream)
-        self.num_failovers += 1
-        return adopted
-
     # ------------------------------------------------------------ migration
-
-    async def migrate(self, request_id: str, destination: str | None = None,
-                      config: MigrationConfig | None = None) -> MigrationResult:
-        """Move a request in flight to another instance (by default the one dispatch would pick; `config`
-        overrides the router's stage settings); its caller's stream goes on with no gap, duplicate or
-        reordering. See router/migration.py."""
-        stream = self.streams.get(request_id)
-        if stream is None or stream.finished:
-            raise KeyError(f"no request {request_id!r} in flight")
-        if stream.migrating:
-            raise ValueError(f"request {request_id!r} is already moving")
-        src = self.instances[stream.instance_id]
-        dst = self._destination_for(stream, destination)
-        stream.migrating = True
-        try:
-            result = await migrate(self, stream, src, dst, config or self.config.migration)
-        finally:
-            stream.migrating = False
-        self.migrations[result.status.value] += 1
-        return result
-
-    def _destination_for(self, stream: RequestStream, destination: str | None, any_role: bool = False) -> _Instance:
-        if destination is not None:
-            dst = self.instances.get(destination)
-            if dst is None or not dst.alive or destination == stream.instance_id:
-                raise ValueError(f"cannot move request {stream.request.request_id!r} to {destination!r}: "
-                                 "not another live instance")
-            return dst
-        roles = ("both", "prefill", "decode") if any_role else _DESTINATION_ROLES[self.instances[stream.instance_id].role]
-        candidates = [i for i in self.instances.values()
-                      if i.open and i.instance_id != stream.instance_id and i.role in roles]
-        if not candidates:
-            raise EngineDrainingError("no other instance takes requests")
-        chosen = self.policy.pick([i.view() for i in candidates],
-                                  DispatchRequest(stream.num_delivered_tokens + len(stream.request.prompt_token_ids),
-                                                  stream.request.priority))
-        return self.instances[chosen]
-
-    def switch(self, stream: RequestStream, dst: _Instance, outputs: Any) -> None:
-        """The request committed on dst: the caller's stream continues from `outputs` there."""
-        self.instances[stream.instance_id].remove(stream)
-        stream.instance_id, stream.moved_to = dst.instance_id, outputs
-        dst.add(stream)
-
-    def unswitch(self, stream: RequestStream, src: _Instance) -> None:
-        self.instances[stream.instance_id].remove(stream)
-        stream.instance_id, stream.moved_to = src.instance_id, None
-        src.add(stream)
 
     def _release(self, stream: RequestStream) -> None:
         """The caller's stream ended (finished, failed, or the caller went away)."""
@@ -371,26 +255,6 @@ class Router:
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return len(self.streams)
-
-    async def drain_instance(self, instance_id: str, timeout_s: float = 30.0) -> DrainResult:
-        """Stop dispatching to one instance, move its requests to the others (live migration; one that
-        cannot move finishes where it is), and wait (up to timeout_s) until it holds none. The instance
-        refuses new requests from then on; once empty it can be removed with no request dropped."""
-        instance = self.instances.get(instance_id)
-        if instance is None:
-            raise ValueError(f"unknown instance {instance_id!r}; known: {sorted(self.instances)}")
-        instance.stop_dispatch = True
-        moves = [self.migrate(request_id) for request_id, stream in list(instance.streams.items())
-                 if not stream.migrating and any(i.open for i in self.instances.values())]
-        results = await asyncio.gather(*moves, return_exceptions=True)
-        moved = sum(isinstance(r, MigrationResult) and r.status == MigrationStatus.FINISHED for r in results)
-        if instance.alive:
-            try:
-                await instance.actor.drain.remote(timeout_s)
-            except (RayActorError, RayTaskError) as exc:
-                logger.warning("draining %s failed: %s", instance_id, exc)
-        logger.info("drained %s: %d request(s) moved, %d left", instance_id, moved, len(instance.streams))
-        return DrainResult(instance_id, moved, len(instance.streams))
 
     # ------------------------------------------------------------ load reports
 
