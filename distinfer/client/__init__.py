@@ -11,8 +11,10 @@ from distinfer.client.errors import (
     AuthenticationError,
     DeadlineExceededError,
     DistinferClientError,
+    FailedPreconditionError,
     InternalServerError,
     InvalidArgumentError,
+    NotFoundError,
     RequestCancelledError,
     ResourceExhaustedError,
     UnavailableError,
@@ -20,8 +22,10 @@ from distinfer.client.errors import (
 from distinfer.client.sync_client import Client, GenerateStream
 from distinfer.client.types import (
     Completion,
+    DrainResult,
     GenerateDelta,
     GenerateResult,
+    InstanceStatus,
     Load,
     ModelInfo,
     ParallelConfig,
@@ -33,7 +37,8 @@ from distinfer.client.types import (
 
 __all__ = [
     "AlreadyExistsError", "AsyncClient", "AsyncGenerateStream", "AuthenticationError", "Client", "Completion",
-    "DeadlineExceededError", "DistinferClientError", "GenerateDelta", "GenerateResult", "GenerateStream",
-    "InternalServerError", "InvalidArgumentError", "Load", "ModelInfo", "ParallelConfig", "RequestCancelledError",
-    "ResourceExhaustedError", "RetryPolicy", "ServerInfo", "TokenizeResult", "TokenLogprob", "UnavailableError", "Usage",
+    "DeadlineExceededError", "DistinferClientError", "DrainResult", "FailedPreconditionError", "GenerateDelta",
+    "GenerateResult", "GenerateStream", "InstanceStatus", "InternalServerError", "InvalidArgumentError", "Load",
+    "ModelInfo", "NotFoundError", "ParallelConfig", "RequestCancelledError", "ResourceExhaustedError", "RetryPolicy",
+    "ServerInfo", "TokenizeResult", "TokenLogprob", "UnavailableError", "Usage",
 ]

@@ -1,6 +1,7 @@
 """What the sync and asyncio clients share: request building, credentials, metadata, retries, channel."""
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from distinfer.v1 import inference_pb2 as pb
 from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
 SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # the server's default too
+MAX_DRAIN_TIMEOUT_S = 3600.0  # the server's upper bound
+DRAIN_DEADLINE_MARGIN_S = 60.0  # beyond timeout_s: the moves before the wait, and the answer's way back
 Prompt = Union[str, Sequence[int]]  # text, or token ids of the served model
 
 
@@ -122,6 +126,16 @@ class ClientBase:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _drain_call(self, instance_id: str, timeout_s: float,
+                    timeout: float | None) -> tuple[pb.DrainInstanceRequest, float | None]:
+        """(request, call deadline): without an explicit `timeout`, the default deadline is stretched to
+        outlast the server's wait (a drain that outlives its call goes on on the server, unreported)."""
+        request = pb.DrainInstanceRequest(instance_id=instance_id, timeout_s=timeout_s)
+        if timeout is not None or self.timeout is None:
+            return request, timeout
+        wait = min(timeout_s, MAX_DRAIN_TIMEOUT_S) if math.isfinite(timeout_s) and timeout_s > 0 else 0.0
+        return request, max(self.timeout, wait + DRAIN_DEADLINE_MARGIN_S)  # out of range: the server refuses it
 
     def _generate_call(self, prompt: Prompt, request_id: str | None, priority: int, model: str,
                        timeout: float | None, sampling: dict[str, Any]) -> tuple[Callable[[], Any], str]:

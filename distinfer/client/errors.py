@@ -33,6 +33,14 @@ class UnavailableError(DistinferClientError):
     """The server cannot be reached, is still loading, draining, or its engine is dead."""
 
 
+class NotFoundError(DistinferClientError, LookupError):
+    """What the call names does not exist (DrainInstance: no engine instance of that id)."""
+
+
+class FailedPreconditionError(DistinferClientError):
+    """The server is not in a state the call needs (DrainInstance on a server with a single engine)."""
+
+
 class DeadlineExceededError(DistinferClientError, TimeoutError):
     """The call's deadline passed; the server aborted the request."""
 
@@ -58,6 +66,8 @@ _BY_CODE: dict[grpc.StatusCode, type[DistinferClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
 }
 
 

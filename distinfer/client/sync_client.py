@@ -8,9 +8,10 @@ from typing import Any, Callable, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from distinfer.client._common import ClientBase, Prompt, RetryPolicy
+from distinfer.client._common import DEFAULT_DRAIN_TIMEOUT_S, ClientBase, Prompt, RetryPolicy
 from distinfer.client.errors import UnavailableError, from_rpc_error, is_retryable
 from distinfer.client.types import (
+    DrainResult,
     GenerateDelta,
     GenerateResult,
     ModelInfo,
@@ -125,6 +126,14 @@ class Client(ClientBase):
 
     def server_info(self, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_proto(self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+
+    def drain_instance(self, instance_id: str, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, *,
+                       timeout: float | None = None) -> DrainResult:
+        """Admin (a server with several instances behind a router): stop sending requests to one instance,
+        move its running requests to the others, wait up to timeout_s for the rest; NotFoundError for an
+        unknown id, FailedPreconditionError on a single-engine server. Ids: server_info().instances."""
+        request, deadline = self._drain_call(instance_id, timeout_s, timeout)
+        return DrainResult.from_proto(self._unary(self._stub.DrainInstance, request, deadline))
 
     def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float | None = None) -> TokenizeResult:
         msg = self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout)

@@ -165,6 +165,20 @@ class Load:
     num_preemptions: int
 
 
+def _load(load: pb.Load) -> Load:
+    return Load(load.num_running, load.num_waiting, load.num_pending, load.kv_cache_usage, load.num_free_blocks,
+                load.num_total_blocks, load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions)
+
+
+@dataclass
+class InstanceStatus:
+    """One engine instance behind the server's router (ServerInfo.instances)."""
+
+    instance_id: str
+    draining: bool
+    load: Load  # its num_pending counts its running and waiting requests
+
+
 @dataclass
 class ServerInfo:
     version: str
@@ -178,17 +192,30 @@ class ServerInfo:
     draining: bool
     dead: bool
     uptime_seconds: float
+    instances: list[InstanceStatus] = field(default_factory=list)  # empty: a single engine
 
     @classmethod
     def from_proto(cls, msg: pb.GetServerInfoResponse) -> "ServerInfo":
-        p, load = msg.parallel_config, msg.load
+        p = msg.parallel_config
         return cls(
             msg.version, msg.model_name,
             ParallelConfig(p.tensor_parallel_size, p.pipeline_parallel_size, p.sequence_parallel_size, p.world_size),
-            Load(load.num_running, load.num_waiting, load.num_pending, load.kv_cache_usage, load.num_free_blocks,
-                 load.num_total_blocks, load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions),
-            msg.max_pending_requests, msg.max_num_seqs, msg.max_num_batched_tokens, msg.block_size,
-            msg.draining, msg.dead, msg.uptime_seconds)
+            _load(msg.load), msg.max_pending_requests, msg.max_num_seqs, msg.max_num_batched_tokens, msg.block_size,
+            msg.draining, msg.dead, msg.uptime_seconds,
+            [InstanceStatus(i.instance_id, i.draining, _load(i.load)) for i in msg.instances])
+
+
+@dataclass
+class DrainResult:
+    """What DrainInstance did: requests moved to other instances, and those still on it (0: removable)."""
+
+    instance_id: str
+    moved: int
+    remaining: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.DrainInstanceResponse) -> "DrainResult":
+        return cls(msg.instance_id, msg.moved, msg.remaining)
 
 
 @dataclass

@@ -9,6 +9,11 @@ Request ids are the caller's: each caller (its API key, or its address when it s
 namespace, so `Abort` reaches only the caller's own requests and an id in use by another caller is not
 revealed. The engine runs each request under a server-made id. Internal errors reach the client as a
 generic message with an error id; the details go to the log under that id.
+
+`DrainInstance` (admin) needs an engine with instances behind a router (RouterEngine): it awaits
+`engine.drain_instance(id, timeout_s)`, which stops dispatch to that instance and moves its requests
+away; a single AsyncLLM answers FAILED_PRECONDITION, an unknown id NOT_FOUND. The API key, when one is
+set, applies to it as to every RPC (grpc_auth.py).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import grpc
 import distinfer
 from distinfer.client.errors import RETRY_AFTER_KEY, RETRYABLE_KEY  # trailing metadata on UNAVAILABLE
 from distinfer.errors import EngineDeadError, EngineDrainingError, QueueFullError, RequestFailedError
+from distinfer.messages import EngineStats
 from distinfer.serving.auth import caller_identity
 from distinfer.serving.grpc_auth import authorization_value
 from distinfer.serving.grpc_codec import (
@@ -42,6 +48,8 @@ from distinfer.serving.validation import (
     ServingLimits,
     check_fits_context,
     check_text,
+    validate_drain_timeout,
+    validate_instance_id,
     validate_model_name,
     validate_request_id,
     tokenize_checked_text,
@@ -52,11 +60,15 @@ from distinfer.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:
     from distinfer.engine.async_llm import AsyncLLM
+    from distinfer.router.stats import InstanceLoad
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 RETRY_AFTER_MS = 1000  # the hint sent with a retryable UNAVAILABLE (draining, loading)
+SINGLE_ENGINE = ("this server runs a single engine, not several instances behind a router: there is no "
+                 "instance to drain (to drain the server itself, stop it: SIGTERM refuses new requests and "
+                 "lets those in flight finish)")
 
 
 class Refused(Exception):
@@ -271,7 +283,6 @@ class InferenceServicer:
         try:
             engine = self.slot.get()
             config = engine.engine.config
-            stats = engine.get_stats()
             parallel = config.parallel
             return pb.GetServerInfoResponse(
                 version=distinfer.__version__, model_name=self.model_name,
@@ -279,21 +290,37 @@ class InferenceServicer:
                     tensor_parallel_size=parallel.tensor_parallel_size,
                     pipeline_parallel_size=parallel.pipeline_parallel_size,
                     sequence_parallel_size=parallel.sequence_parallel_size, world_size=parallel.world_size),
-                load=pb.Load(
-                    num_running=stats.num_running, num_waiting=stats.num_waiting,
-                    num_pending=engine.num_pending_requests, kv_cache_usage=stats.kv_cache_usage,
-                    num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_total_blocks,
-                    prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
-                    num_preemptions=stats.num_preemptions, host_kv_cache_usage=stats.host_kv_cache_usage,
-                    num_host_blocks=stats.num_host_blocks, host_prefix_cache_hits=stats.host_prefix_cache_hits,
-                    kv_bytes_to_host=stats.kv_bytes_to_host, kv_bytes_to_device=stats.kv_bytes_to_device,
-                    num_swapped_preemptions=stats.num_swapped_preemptions,
-                    num_recomputed_tokens=stats.num_recomputed_tokens),
+                load=_load(engine.get_stats(), engine.num_pending_requests),
                 max_pending_requests=max(0, engine.max_pending_requests),
                 max_num_seqs=config.scheduler.max_num_seqs,
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 block_size=config.cache.block_size, draining=_is_draining(engine), dead=engine.is_dead,
-                uptime_seconds=time.monotonic() - self.started_at)
+                uptime_seconds=time.monotonic() - self.started_at, instances=_instances(engine))
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise
+
+    async def DrainInstance(self, request: pb.DrainInstanceRequest | UndecodableRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DrainInstanceResponse:
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error
+            instance_id = validate_instance_id(request.instance_id)
+            timeout_s = validate_drain_timeout(request.timeout_s if request.HasField("timeout_s") else None)
+            engine = self.slot.get()
+            drain_instance = getattr(engine, "drain_instance", None)  # RouterEngine's; AsyncLLM has none
+            if drain_instance is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, SINGLE_ENGINE)
+            if engine.is_dead:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, str(engine.dead_error))
+            try:  # awaits the router actor: the event loop keeps serving meanwhile
+                result = await drain_instance(instance_id, timeout_s)
+            except ValueError as exc:  # RouterEngine.drain_instance's only ValueError: an unknown id
+                raise Refused(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+            logger.info("DrainInstance %s: %d request(s) moved, %d left", result.instance_id, result.moved,
+                        result.remaining)
+            return pb.DrainInstanceResponse(instance_id=result.instance_id, moved=result.moved,
+                                            remaining=result.remaining)
         except Exception as exc:
             await self._abort(context, exc)
             raise
@@ -314,6 +341,36 @@ class InferenceServicer:
         except Exception as exc:
             await self._abort(context, exc)
             raise
+
+
+def _load(stats: EngineStats, num_pending: int) -> pb.Load:
+    return pb.Load(
+        num_running=stats.num_running, num_waiting=stats.num_waiting, num_pending=num_pending,
+        kv_cache_usage=stats.kv_cache_usage, num_free_blocks=stats.num_free_blocks,
+        num_total_blocks=stats.num_total_blocks, prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits, num_preemptions=stats.num_preemptions,
+        host_kv_cache_usage=stats.host_kv_cache_usage, num_host_blocks=stats.num_host_blocks,
+        host_prefix_cache_hits=stats.host_prefix_cache_hits, kv_bytes_to_host=stats.kv_bytes_to_host,
+        kv_bytes_to_device=stats.kv_bytes_to_device, num_swapped_preemptions=stats.num_swapped_preemptions,
+        num_recomputed_tokens=stats.num_recomputed_tokens)
+
+
+def _instance_status(load: "InstanceLoad") -> pb.InstanceStatus:
+    status = pb.InstanceStatus(instance_id=load.instance_id, draining=load.draining)
+    if load.stats is not None:  # the whole report (always, from a live instance)
+        status.load.CopyFrom(_load(load.stats, load.num_running + load.num_waiting))
+    else:
+        status.load.CopyFrom(pb.Load(num_running=load.num_running, num_waiting=load.num_waiting,
+                                     num_pending=load.num_running + load.num_waiting,
+                                     num_free_blocks=load.num_free_blocks, num_total_blocks=load.num_total_blocks,
+                                     num_preemptions=load.num_preemptions))
+    return status
+
+
+def _instances(engine: Any) -> list[pb.InstanceStatus]:
+    """The live instances behind a RouterEngine, as of its last state fetch; none for a single AsyncLLM."""
+    instance_loads = getattr(engine, "instance_loads", None)
+    return [] if instance_loads is None else [_instance_status(load) for load in instance_loads()]
 
 
 def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int) -> pb.TokenizeResponse:

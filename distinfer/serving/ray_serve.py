@@ -13,7 +13,8 @@
 - answers the OpenAI HTTP API (the same FastAPI app as `distinfer serve`, built on the replica once
   the engine exists) through Serve's HTTP proxy;
 - answers distinfer.v1.InferenceService through Serve's gRPC proxy (`grpc_options` in the YAML):
-  the proxy calls the deployment's methods by RPC name, which delegate to the gRPC servicer.
+  the proxy calls the deployment's methods by RPC name, which delegate to the gRPC servicer
+  (DrainInstance included: it drains an instance of the replica the proxy routed the call to).
 
 Replicas scale with `autoscaling_config` (ongoing requests per replica); each is a full model copy.
 """
@@ -230,6 +231,11 @@ class DistInferDeployment:
 
     async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:
         return await self._unary("Tokenize", request, grpc_context)
+
+    async def DrainInstance(self, request: Any, grpc_context: Any = None) -> Any:
+        """Drains an instance of the replica that Serve's proxy picked (each replica has its own router
+        and instances): with several replicas, GetServerInfo and DrainInstance may reach different ones."""
+        return await self._unary("DrainInstance", request, grpc_context)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -7,6 +7,7 @@ is refused with a message naming the field before it reaches the engine's step l
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
+MAX_INSTANCE_ID_CHARS = 256
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # DrainInstance without timeout_s (RouterEngine.drain_instance's default)
+MAX_DRAIN_TIMEOUT_S = 3600.0
 
 # SamplingParams fields a client may set, with the type each must have.
 SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -69,6 +73,30 @@ def validate_request_id(request_id: str) -> None:
         _fail("request_id", f"must have at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     if not request_id.isprintable():
         _fail("request_id", f"must contain printable characters only, got {request_id!r}")
+
+
+def validate_instance_id(instance_id: Any) -> str:
+    """An engine instance id (admin calls): 1 to MAX_INSTANCE_ID_CHARS printable characters."""
+    if not isinstance(instance_id, str):
+        _fail("instance_id", f"must be a string, got {type(instance_id).__name__}")
+    if not instance_id:
+        _fail("instance_id", "must not be empty: give an id from GetServerInfo.instances")
+    if len(instance_id) > MAX_INSTANCE_ID_CHARS:
+        _fail("instance_id", f"must have at most {MAX_INSTANCE_ID_CHARS} characters, got {len(instance_id)}")
+    if not instance_id.isprintable():
+        _fail("instance_id", f"must contain printable characters only, got {instance_id!r}")
+    return instance_id
+
+
+def validate_drain_timeout(timeout_s: Any) -> float:
+    """Seconds a drain may wait, in [0, MAX_DRAIN_TIMEOUT_S]; None means DEFAULT_DRAIN_TIMEOUT_S."""
+    if timeout_s is None:
+        return DEFAULT_DRAIN_TIMEOUT_S
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        _fail("timeout_s", f"must be a number, got {type(timeout_s).__name__}")
+    if not math.isfinite(timeout_s) or not 0 <= timeout_s <= MAX_DRAIN_TIMEOUT_S:
+        _fail("timeout_s", f"must be in [0, {MAX_DRAIN_TIMEOUT_S:g}] seconds, got {timeout_s}")
+    return float(timeout_s)
 
 
 def validate_model_name(requested: str | None, served: str) -> None:

@@ -231,7 +231,7 @@ class Load(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_pending: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., host_kv_cache_usage: _Optional[float] = ..., num_host_blocks: _Optional[int] = ..., host_prefix_cache_hits: _Optional[int] = ..., kv_bytes_to_host: _Optional[int] = ..., kv_bytes_to_device: _Optional[int] = ..., num_swapped_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "model_name", "parallel_config", "load", "max_pending_requests", "max_num_seqs", "max_num_batched_tokens", "block_size", "draining", "uptime_seconds", "dead")
+    __slots__ = ("version", "model_name", "parallel_config", "load", "max_pending_requests", "max_num_seqs", "max_num_batched_tokens", "block_size", "draining", "uptime_seconds", "dead", "instances")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class GetServerInfoResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEAD_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     version: str
     model_name: str
     parallel_config: ParallelConfig
@@ -254,7 +255,18 @@ class GetServerInfoResponse(_message.Message):
     draining: bool
     uptime_seconds: float
     dead: bool
-    def __init__(self, version: _Optional[str] = ..., model_name: _Optional[str] = ..., parallel_config: _Optional[_Union[ParallelConfig, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., max_pending_requests: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., uptime_seconds: _Optional[float] = ..., dead: _Optional[bool] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
+    def __init__(self, version: _Optional[str] = ..., model_name: _Optional[str] = ..., parallel_config: _Optional[_Union[ParallelConfig, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., max_pending_requests: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., uptime_seconds: _Optional[float] = ..., dead: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ...) -> None: ...
+
+class InstanceStatus(_message.Message):
+    __slots__ = ("instance_id", "draining", "load")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    draining: bool
+    load: Load
+    def __init__(self, instance_id: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens", "model")
@@ -275,3 +287,21 @@ class TokenizeResponse(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[str]
     max_model_len: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+
+class DrainInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_s")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_s: float
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainInstanceResponse(_message.Message):
+    __slots__ = ("instance_id", "moved", "remaining")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    moved: int
+    remaining: int
+    def __init__(self, instance_id: _Optional[str] = ..., moved: _Optional[int] = ..., remaining: _Optional[int] = ...) -> None: ...

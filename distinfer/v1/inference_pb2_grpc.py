@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=distinfer_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=distinfer_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.DrainInstance = channel.unary_unary(
+                '/distinfer.v1.InferenceService/DrainInstance',
+                request_serializer=distinfer_dot_v1_dot_inference__pb2.DrainInstanceRequest.SerializeToString,
+                response_deserializer=distinfer_dot_v1_dot_inference__pb2.DrainInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -102,6 +107,18 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainInstance(self, request, context):
+        """Admin, on a server with several engine instances behind a router: stops sending new requests to one
+        instance (for good), moves its running requests to the others by live migration (their Generate
+        streams go on unchanged), and waits up to timeout_s for the rest to finish there. Once `remaining`
+        is 0 the instance can be removed with no request dropped. The ids are in GetServerInfo.instances.
+        NOT_FOUND: no instance of that id; FAILED_PRECONDITION: the server runs a single engine (drain the
+        whole server by stopping it instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +146,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=distinfer_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
                     response_serializer=distinfer_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'DrainInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainInstance,
+                    request_deserializer=distinfer_dot_v1_dot_inference__pb2.DrainInstanceRequest.FromString,
+                    response_serializer=distinfer_dot_v1_dot_inference__pb2.DrainInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +289,33 @@ class InferenceService:
             '/distinfer.v1.InferenceService/Tokenize',
             distinfer_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
             distinfer_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distinfer.v1.InferenceService/DrainInstance',
+            distinfer_dot_v1_dot_inference__pb2.DrainInstanceRequest.SerializeToString,
+            distinfer_dot_v1_dot_inference__pb2.DrainInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -321,7 +321,15 @@ def test_serve_app_replica_hosts_a_router(ray_session, tiny_model_dir, tiny_hf_m
             for prompt in PROMPTS[:2]:  # round robin: one on each instance
                 tokens = [t for r in stub.Generate(_grpc_request(prompt, 6), timeout=60) for t in r.token_ids]
                 assert tokens == hf_greedy(tiny_hf_model, prompt, 6)
-            assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30).load.num_total_blocks == 128
+            info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+            assert info.load.num_total_blocks == 128
+            assert sorted(i.instance_id for i in info.instances) == ["instance-0", "instance-1"]
+            # the admin RPC through Serve's proxy: an unknown id, then an idle instance (nothing to move)
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.DrainInstance(pb.DrainInstanceRequest(instance_id="instance-9"), timeout=30)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            drained = stub.DrainInstance(pb.DrainInstanceRequest(instance_id="instance-1", timeout_s=0), timeout=60)
+            assert (drained.instance_id, drained.moved, drained.remaining) == ("instance-1", 0, 0)
     finally:
         serve.shutdown()
     deadline = time.monotonic() + 15

@@ -2,10 +2,10 @@
 
 HTTP: /v1/completions and /v1/chat/completions bodies, each a valid body with up to two fields pushed to or
 past their limits (NaN/Infinity tokens, huge ints, odd Unicode with lone surrogates, wrong types, missing
-and extra fields), plus raw garbage bodies. gRPC: Generate/Tokenize/Abort with proto edge values, invalid
-UTF-8 in string fields and garbage bytes. Every answer must be a clean refusal naming the field or a
-complete result: never a 500/INTERNAL, a dropped connection, a dead engine or a leaked KV block. Then a
-greedy request over each API must return exactly the transformers oracle's tokens.
+and extra fields), plus raw garbage bodies. gRPC: Generate/Tokenize/Abort/DrainInstance with proto edge
+values, invalid UTF-8 in string fields and garbage bytes. Every answer must be a clean refusal naming the
+field or a complete result: never a 500/INTERNAL, a dropped connection, a dead engine or a leaked KV block.
+Then a greedy request over each API must return exactly the transformers oracle's tokens.
 `DISTINFER_FUZZ_EXAMPLES=2000` runs a deeper search; `--hypothesis-show-statistics` shows what was hit.
 """
 from __future__ import annotations
@@ -306,6 +306,8 @@ def test_http_fuzz(http: httpx.Client, engine: AsyncLLM, case: tuple[str, bytes]
 
 RawGenerate, RawParams = raw_message_class("GenerateRequest"), raw_message_class("SamplingParams")
 RawTokenize, RawAbort = raw_message_class("TokenizeRequest"), raw_message_class("AbortRequest")
+RawDrain = raw_message_class("DrainInstanceRequest")
+DRAIN_TIMEOUTS = [math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 30.0, 3600.0, 3600.5, 1e300]
 UINT32_EDGES = [0, VOCAB - 1, VOCAB, 2**31, 2**32 - 1]
 MAX_TOKENS_EDGES = [0, -1, -(2**31), 2**31 - 1, MAX_MODEL_LEN]  # edges only: a valid large budget is just slow
 
@@ -376,20 +378,25 @@ def generate_request(draw: st.DrawFn) -> bytes:
 
 
 def grpc_case() -> st.SearchStrategy[tuple[str, bytes]]:
-    """(method, request bytes): Generate, Tokenize, Abort, or garbage bytes for any RPC of the service."""
+    """(method, request bytes): Generate, Tokenize, Abort, DrainInstance, or garbage bytes for any RPC."""
     special = st.fixed_dictionaries({}, optional={"add_special_tokens": st.booleans()})
     tokenize = st.builds(lambda t, a, m: RawTokenize(text=t, model=m, **a).SerializeToString(),
                          raw_string(24) | st.just(b"x" * 30_000), special, st.sampled_from([b"", MODEL.encode(), b"other"]))
     abort = raw_string().map(lambda r: RawAbort(request_id=r).SerializeToString())
+    timeouts = st.fixed_dictionaries({}, optional={"timeout_s": st.sampled_from(DRAIN_TIMEOUTS)})
+    drain = st.builds(lambda i, t: RawDrain(instance_id=i, **t).SerializeToString(),
+                      raw_string() | st.just(b"instance-0") | st.just(b"i" * 300), timeouts)
     garbage = st.tuples(st.sampled_from(sorted(RESPONSES)), st.binary(max_size=64))
     generate = generate_request().map(lambda b: ("Generate", b))
-    return st.one_of(generate, generate, tokenize.map(lambda b: ("Tokenize", b)), abort.map(lambda b: ("Abort", b)), garbage)
+    return st.one_of(generate, generate, tokenize.map(lambda b: ("Tokenize", b)), abort.map(lambda b: ("Abort", b)),
+                     drain.map(lambda b: ("DrainInstance", b)), garbage)
 
 
 # ---------------------------------------------------------------- gRPC checks
 
 FIELD_NAMES = {"request", "input", "model", "priority", "request_id", "text", "token_ids", "token_ids.ids",
-               "sampling_params"} | {f"sampling_params.{f.name}" for f in pb.SamplingParams.DESCRIPTOR.fields}
+               "sampling_params", "instance_id", "timeout_s"} | {
+                   f"sampling_params.{f.name}" for f in pb.SamplingParams.DESCRIPTOR.fields}
 RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["InferenceService"].methods}
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
@@ -427,16 +434,21 @@ def check_grpc_ok(method: str, responses: list[Any]) -> None:
 @example(case=("Generate", generate_bytes(text=b"Hi", sampling_params=RawParams(stop=[b"ok", b"caf\xc3"]))))
 @example(case=("Generate", generate_bytes(token_ids=[1, 2], sampling_params=RawParams(n=16, seed=2**63 - 1, max_tokens=1))))
 @example(case=("Tokenize", b"\xff\xff\xff\xff"))
+@example(case=("DrainInstance", RawDrain(instance_id=b"instance-0").SerializeToString()))  # one engine here
+@example(case=("DrainInstance", RawDrain(instance_id=b"instance-0", timeout_s=math.nan).SerializeToString()))
 def test_grpc_fuzz(channel: grpc.Channel, engine: AsyncLLM, case: tuple[str, bytes]) -> None:
     """Every request gets OK, INVALID_ARGUMENT naming a field, or RESOURCE_EXHAUSTED exactly when over the
-    message bound: never INTERNAL or UNKNOWN, and never ALREADY_EXISTS (the calls run one at a time, so an
-    id still claimed would be a leak); the engine stays alive, idle and with every KV block free."""
+    message bound (a valid DrainInstance: FAILED_PRECONDITION, this server has one engine): never INTERNAL
+    or UNKNOWN, and never ALREADY_EXISTS (the calls run one at a time, so an id still claimed would be a
+    leak); the engine stays alive, idle and with every KV block free."""
     method, request = case
     FUZZED["grpc"] += 1
     code, details, responses = call(channel, method, request)
     event(f"{method} {code.name}" + (f" {details.split(' ', 1)[0]!a}" if details else ""))
     if len(request) > MAX_BODY:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    elif method == "DrainInstance":  # valid ones need instances behind a router; this server has one engine
+        assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT), (code, details)
     else:
         assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -13,7 +13,15 @@ import grpc
 import pytest
 
 from distinfer import AsyncLLM
-from distinfer.client import AsyncClient, AuthenticationError, Client, RetryPolicy, UnavailableError
+from distinfer.client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    RetryPolicy,
+    UnavailableError,
+)
 from distinfer.serving.grpc_server import GrpcServerThread
 
 API_KEY = "s3cret-key"
@@ -45,7 +53,8 @@ def test_auth_refuses_missing_or_wrong_key(auth_server, key, message):
         with pytest.raises(AuthenticationError, match=message) as info:
             client.generate("Hi", max_tokens=3)
         assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
-        for call in (client.model_info, client.server_info, lambda: client.abort("x"), lambda: client.tokenize("x")):
+        for call in (client.model_info, client.server_info, lambda: client.abort("x"), lambda: client.tokenize("x"),
+                     lambda: client.drain_instance("instance-0")):  # UNAUTHENTICATED before any other answer
             with pytest.raises(AuthenticationError):
                 call()
         assert client.health() == "SERVING", "health stays open to probes"
@@ -57,6 +66,20 @@ async def test_auth_async_client(auth_server):
     async with AsyncClient(auth_server.target, api_key="nope", retry=NO_RETRY) as client:
         with pytest.raises(AuthenticationError):
             await client.generate("Hi", max_tokens=2)
+
+
+def test_drain_instance_on_a_single_engine_is_failed_precondition(auth_server):
+    """DrainInstance needs instances behind a router; bad input is still named first (INVALID_ARGUMENT)."""
+    with Client(auth_server.target, api_key=API_KEY, timeout=60, retry=NO_RETRY) as client:
+        assert client.server_info().instances == []
+        with pytest.raises(FailedPreconditionError, match="single engine") as info:
+            client.drain_instance("instance-0", timeout_s=0)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(InvalidArgumentError, match="timeout_s"):
+            client.drain_instance("instance-0", timeout_s=float("nan"))
+        with pytest.raises(InvalidArgumentError, match="instance_id"):
+            client.drain_instance("")
+        assert len(client.generate("Hi", max_tokens=2, temperature=0).token_ids) == 2  # still serving
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:

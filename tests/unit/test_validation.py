@@ -7,11 +7,15 @@ import pytest
 
 from distinfer.sampling_params import SamplingParams
 from distinfer.serving.validation import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    MAX_DRAIN_TIMEOUT_S,
     MAX_N,
     MAX_STOP_STRINGS,
     RequestValidationError,
     ServingLimits,
     build_sampling_params,
+    validate_drain_timeout,
+    validate_instance_id,
     validate_model_name,
     validate_request_id,
     validate_text_prompt,
@@ -91,3 +95,21 @@ def test_with_path():
     error = RequestValidationError("stop", "stop[3] must be a non-empty string")
     moved = error.with_path("sampling_params.stop")
     assert (moved.field, moved.message) == ("sampling_params.stop", "sampling_params.stop[3] must be a non-empty string")
+
+
+@pytest.mark.parametrize("instance_id", ["", "x" * 257, "instance-\n0", None, 3])
+def test_bad_instance_id_names_the_field(instance_id):
+    with pytest.raises(RequestValidationError, match=r"^instance_id "):
+        validate_instance_id(instance_id)
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, -1e-9, math.nan, math.inf, -math.inf, MAX_DRAIN_TIMEOUT_S + 0.5, True, "5"])
+def test_bad_drain_timeout_names_the_field(timeout_s):
+    with pytest.raises(RequestValidationError, match=r"^timeout_s "):
+        validate_drain_timeout(timeout_s)
+
+
+def test_good_drain_arguments_pass():
+    assert validate_instance_id("instance-0") == "instance-0" and validate_instance_id("d" * 256) == "d" * 256
+    assert validate_drain_timeout(None) == DEFAULT_DRAIN_TIMEOUT_S
+    assert [validate_drain_timeout(t) for t in (0, 0.5, MAX_DRAIN_TIMEOUT_S)] == [0.0, 0.5, MAX_DRAIN_TIMEOUT_S]
