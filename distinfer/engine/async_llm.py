@@ -144,10 +144,11 @@ class AsyncLLM:
         self._wake.set()
         return await asyncio.wrap_future(future)
 
-    async def pause_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, list]:
+    async def pause_request(self, request_id: str, first_block: int = 0,
+                            export: bool = True) -> tuple[RequestSnapshot, list]:
         """The last migration stage on the source (engine.mover.pause): no more steps for the request; its
         snapshot and its KV blocks from `first_block` on. Then release_request or resume_request."""
-        return await self.call_between_steps(lambda engine: engine.mover.pause(request_id, first_block))
+        return await self.call_between_steps(lambda engine: engine.mover.pause(request_id, first_block, export))
 
     async def resume_request(self, request_id: str) -> None:
         await self.call_between_steps(lambda engine: engine.mover.resume(request_id))

@@ -63,16 +63,17 @@ class RequestMover:
             return [], first_block
         return self._export(block_ids[first_block:]), len(block_ids)
 
-    def pause(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
+    def pause(self, request_id: str, first_block: int = 0, export: bool = True) -> tuple[RequestSnapshot, KVExport]:
         """The last stage on the source: stop scheduling the request (it keeps its blocks and its place) and
         take its snapshot and its computed blocks from `first_block` on ([] when it holds none: then the
-        destination computes its tokens again). Then `release` it (committed elsewhere) or `resume` it."""
+        destination computes its tokens again; or without `export`, when a link carries them, send_blocks).
+        Then `release` it (committed elsewhere) or `resume` it."""
         self.engine.output_processor.check_movable(request_id)
         request = self._scheduler.requests[request_id]
         block_ids = self._scheduler.exportable_blocks(request_id)
         self._scheduler.pause(request_id)
         try:
-            kv = self._export(block_ids[first_block:]) if len(block_ids) > first_block else []
+            kv = self._export(block_ids[first_block:]) if export and len(block_ids) > first_block else []
             states = self.engine.executor.collective_rpc("sampler_state", request_id)
         except BaseException:
             self._scheduler.resume(request_id)
@@ -99,6 +100,30 @@ class RequestMover:
         result = self.pause(request_id, first_block)
         self.release(request_id)
         return result
+
+    # ------------------------------------------------------------ the "p2p" transport (worker/kv_link.py)
+
+    def num_full_blocks(self, request_id: str) -> int:
+        """How many leading blocks of the request are full and computed (what a pre-copy stage may send)."""
+        self.engine.output_processor.check_movable(request_id)
+        request = self._scheduler.requests[request_id]
+        return len(self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size])
+
+    def send_blocks(self, link_id: str, request_id: str, first_block: int, end_block: int) -> None:
+        """Send the request's blocks [first_block, end_block) over a link (the peer receives them now)."""
+        block_ids = self._scheduler.exportable_blocks(request_id)[first_block:end_block]
+        if len(block_ids) != end_block - first_block:
+            raise ValueError(f"request {request_id!r} holds no blocks [{first_block}, {end_block})")
+        self.engine.executor.collective_rpc("kv_link_send", link_id, block_ids)
+
+    def receive_blocks(self, link_id: str, request_id: str, first_block: int, num_blocks: int) -> None:
+        """Receive blocks over a link into the reservation, at block index first_block on."""
+        reservation = self._reservations.get(request_id)
+        if reservation is None or first_block + num_blocks > reservation.num_blocks:
+            raise KeyError(f"no reservation of {first_block + num_blocks} blocks for request {request_id!r}")
+        block_ids = self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num_blocks]
+        self.engine.executor.collective_rpc("kv_link_receive", link_id, block_ids)
+        reservation.deadline = time.monotonic() + self.timeout_s
 
     def _export(self, block_ids: list[int]) -> KVExport:
         tensors = self.engine.executor.collective_rpc("export_kv_blocks", block_ids)

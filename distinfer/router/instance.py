@@ -96,9 +96,34 @@ class EngineInstance:
     async def cancel_reservation(self, request_id: str) -> None:
         await self.engine.call_between_steps(lambda e: e.mover.cancel(request_id))
 
-    async def pause(self, request_id: str, first_block: int) -> tuple[Any, list]:
-        """The last stage on the source: (RequestSnapshot, KV from first_block on); the request is paused."""
-        return await self.engine.pause_request(request_id, first_block)
+    async def pause(self, request_id: str, first_block: int, export: bool = True) -> tuple[Any, list]:
+        """The last stage on the source: (RequestSnapshot, KV from first_block on, or [] without `export`:
+        a link carries it); the request is paused."""
+        return await self.engine.pause_request(request_id, first_block, export)
+
+    async def kv_layouts(self) -> list:
+        return await self.engine.call_between_steps(lambda e: e.mover.kv_layouts)
+
+    async def num_full_blocks(self, request_id: str) -> int:
+        return await self.engine.call_between_steps(lambda e: e.mover.num_full_blocks(request_id))
+
+    async def link_listen(self, link_id: str) -> list[tuple[str, int]]:
+        """The "p2p" transport: every rank listens for the peer instance's same rank; their addresses."""
+        return await self.engine.call_between_steps(lambda e: e.executor.collective_rpc("kv_link_listen", link_id))
+
+    async def link_connect(self, link_id: str, addresses: list[tuple[str, int]] | None) -> None:
+        """Every rank joins its link (the source gives the destination's addresses; the destination None)."""
+        rank_args = [(a,) for a in addresses] if addresses is not None else None
+        # Off the step loop: the rendezvous waits for the peer; the workers take it between their steps.
+        await asyncio.to_thread(self.engine.engine.executor.collective_rpc, "kv_link_connect", link_id,
+                                *(() if rank_args else (None,)), rank_args=rank_args)
+
+    async def send_blocks(self, link_id: str, request_id: str, first_block: int, end_block: int) -> None:
+        await self.engine.call_between_steps(lambda e: e.mover.send_blocks(link_id, request_id, first_block, end_block))
+
+    async def receive_blocks(self, link_id: str, request_id: str, first_block: int, num_blocks: int) -> None:
+        await self.engine.call_between_steps(
+            lambda e: e.mover.receive_blocks(link_id, request_id, first_block, num_blocks))
 
     async def resume(self, request_id: str) -> None:
         await self.engine.resume_request(request_id)

@@ -13,11 +13,16 @@ reservation is dropped); ABORTED_DST (the destination refused, filled up or died
 the source as if nothing happened). A reservation that is never committed is also freed by the
 destination's own timeout.
 
-Transport "object_store": the KV of a stage goes from the source to the destination as a Ray object (the
-router passes the reference on; the bytes never enter the router).
+Transports: "object_store" (the default, any topology): the KV of a stage goes from the source to the
+destination as a Ray object (the router passes the reference on; the bytes never enter the router).
+"p2p": each source rank sends straight to the same destination rank over a gloo link of their own
+(worker/kv_link.py), opened once per instance pair; it needs both instances to shard the KV the same way
+(else the object store is used). While a stage crosses a link both instances' step loops wait for it.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("object_store",)
+TRANSPORTS = ("object_store", "p2p")
 
 
 class MigrationStatus(str, enum.Enum):
@@ -83,8 +88,11 @@ async def migrate(router: Router, stream: RequestStream, src: _Instance, dst: _I
     request_id = stream.request.request_id
     result = MigrationResult(request_id, src.instance_id, dst.instance_id, MigrationStatus.FINISHED)
     try:
-        sent = await _precopy(router, stream, src, dst, config, result)
-        await _last_stage(router, stream, src, dst, sent, result)
+        link = await router.kv_link(src, dst) if config.transport == "p2p" else None
+        lock = router._link_locks.get(link) if link is not None else None
+        async with lock if lock is not None else contextlib.nullcontext():
+            sent = await _precopy(router, stream, src, dst, config, result, link)
+            await _last_stage(router, stream, src, dst, sent, result, link)
     except _Aborted as aborted:
         result.status, result.reason = aborted.status, aborted.reason
         await _call(dst, "cancel_reservation", request_id, quiet=True)
@@ -94,16 +102,21 @@ async def migrate(router: Router, stream: RequestStream, src: _Instance, dst: _I
 
 
 async def _precopy(router: Router, stream: RequestStream, src: _Instance, dst: _Instance,
-                   config: MigrationConfig, result: MigrationResult) -> int:
+                   config: MigrationConfig, result: MigrationResult, link: str | None) -> int:
     request_id, sent = stream.request.request_id, 0
     for _ in range(config.max_stages):
         start = time.perf_counter()
-        kv_ref, end_ref = src.actor.export_blocks.options(num_returns=2).remote(request_id, sent)
-        end = await _source(src, end_ref, stream, router, kv_ref)
+        if link is None:
+            kv_ref, end_ref = src.actor.export_blocks.options(num_returns=2).remote(request_id, sent)
+            end = await _source(src, end_ref, stream, router, kv_ref)
+        else:
+            end = await _source(src, src.actor.num_full_blocks.remote(request_id), stream, router, None)
         if end > sent:
-            if not await _destination(dst, dst.actor.reserve.remote(request_id, end)):
-                raise _Aborted(MigrationStatus.ABORTED_DST, f"{dst.instance_id} has no room for {end} blocks")
-            await _destination(dst, dst.actor.import_blocks.remote(request_id, sent, kv_ref))
+            await _reserve(dst, request_id, end)
+            if link is None:
+                await _destination(dst, dst.actor.import_blocks.remote(request_id, sent, kv_ref))
+            else:
+                await _over_link(link, src, dst, request_id, sent, end)
         result.stage_blocks.append(end - sent)
         result.stage_seconds.append(time.perf_counter() - start)
         new, sent = end - sent, end
@@ -113,13 +126,19 @@ async def _precopy(router: Router, stream: RequestStream, src: _Instance, dst: _
 
 
 async def _last_stage(router: Router, stream: RequestStream, src: _Instance, dst: _Instance, sent: int,
-                      result: MigrationResult) -> None:
+                      result: MigrationResult, link: str | None) -> None:
     request_id = stream.request.request_id
     start = time.perf_counter()
-    snapshot_ref, kv_ref = src.actor.pause.options(num_returns=2).remote(request_id, sent)
+    snapshot_ref, kv_ref = src.actor.pause.options(num_returns=2).remote(request_id, sent, link is None)
     snapshot = await _source(src, snapshot_ref, stream, router, kv_ref)
-    adopted = dst.actor.adopt.options(num_returns="streaming").remote(snapshot, kv_ref, sent)
     try:
+        if link is not None:  # the rest over the link; the destination then commits with no KV in hand
+            end = -(-snapshot.num_computed_tokens // dst.info.config.cache.block_size)
+            if end > sent:
+                await _reserve(dst, request_id, end)
+                await _over_link(link, src, dst, request_id, sent, end)
+            kv_ref, sent = [], max(end, sent)
+        adopted = dst.actor.adopt.options(num_returns="streaming").remote(snapshot, kv_ref, sent)
         committed = await _destination(dst, await adopted.__anext__())
     except _Aborted:
         await _call(src, "resume", request_id, quiet=True)
@@ -140,6 +159,22 @@ async def _last_stage(router: Router, stream: RequestStream, src: _Instance, dst
     result.stage_seconds.append(time.perf_counter() - start)
 
 
+async def _reserve(dst: _Instance, request_id: str, num_blocks: int) -> None:
+    if not await _destination(dst, dst.actor.reserve.remote(request_id, num_blocks)):
+        raise _Aborted(MigrationStatus.ABORTED_DST, f"{dst.instance_id} has no room for {num_blocks} blocks")
+
+
+async def _over_link(link: str, src: _Instance, dst: _Instance, request_id: str, first: int, end: int) -> None:
+    """The "p2p" transport: the source's ranks send blocks [first, end) as the destination's receive them."""
+    sending = src.actor.send_blocks.remote(link, request_id, first, end)
+    receiving = dst.actor.receive_blocks.remote(link, request_id, first, end - first)
+    results = await asyncio.gather(sending, receiving, return_exceptions=True)
+    for side, outcome in zip((MigrationStatus.ABORTED_SRC, MigrationStatus.ABORTED_DST), results):
+        if isinstance(outcome, BaseException):
+            reason = remote_error(outcome) if isinstance(outcome, RayTaskError) else outcome
+            raise _Aborted(side, f"KV link {link}: {type(reason).__name__}: {reason}")
+
+
 async def _source(src: _Instance, ref: Any, stream: RequestStream, router: Router, sibling: Any) -> Any:
     """A source call's result; the request finishing or the source failing aborts the migration. `sibling`
     is the call's other return (KV), fetched on failure so that Ray does not report it as unhandled."""
@@ -147,7 +182,8 @@ async def _source(src: _Instance, ref: Any, stream: RequestStream, router: Route
         value = await ref
     except (RayTaskError, RayActorError) as exc:
         try:
-            await sibling
+            if sibling is not None:
+                await sibling
         except (RayTaskError, RayActorError):
             pass
         reason = remote_error(exc) if isinstance(exc, RayTaskError) else exc

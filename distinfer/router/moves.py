@@ -34,6 +34,31 @@ class DrainResult:
 class RequestMoves:
     """Mixed into Router (see the module docstring for what it uses of it)."""
 
+    async def kv_link(self, src: _Instance, dst: _Instance) -> str | None:
+        """The "p2p" transport's link from src to dst, opened on first use (None: the instances shard the KV
+        differently, or the link could not be opened: the object store carries the KV then)."""
+        key = (src.instance_id, dst.instance_id)
+        async with self._link_open_lock:
+            if key not in self._links:
+                self._links[key] = await self._open_link(src, dst)
+            return self._links[key]
+
+    async def _open_link(self, src: _Instance, dst: _Instance) -> str | None:
+        link_id = f"{src.instance_id}->{dst.instance_id}"
+        try:
+            layouts = await asyncio.gather(src.actor.kv_layouts.remote(), dst.actor.kv_layouts.remote())
+            if layouts[0] != layouts[1]:
+                logger.info("no KV link %s: the instances shard the KV differently; using the object store", link_id)
+                return None
+            addresses = await dst.actor.link_listen.remote(link_id)
+            await asyncio.gather(dst.actor.link_connect.remote(link_id, None),
+                                 src.actor.link_connect.remote(link_id, addresses))
+        except (RayTaskError, RayActorError) as exc:
+            logger.warning("opening KV link %s failed (%s); using the object store", link_id, exc)
+            return None
+        self._link_locks[link_id] = asyncio.Lock()  # one transfer at a time on a link: messages stay in order
+        return link_id
+
     async def _hand_off(self, stream: RequestStream) -> None:
         """Prefill/decode: the request has its first token; it moves (one stage) to a decode instance chosen
         by load. If that fails it goes on decoding where it is."""

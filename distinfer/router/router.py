@@ -107,6 +107,9 @@ class Router(RequestMoves):
         self.policy = make_dispatch_policy(config.dispatch_policy)
         self.migration_policy = make_migration_policy(config.migration_policy)
         self.migrations: collections.Counter = collections.Counter()  # results by status (all causes)
+        self._links: dict[tuple[str, str], str | None] = {}  # "p2p" KV links by (source, destination)
+        self._link_locks: dict[str, asyncio.Lock] = {}
+        self._link_open_lock = asyncio.Lock()
         self.streams: dict[str, RequestStream] = {}
         self.num_failovers = 0  # requests resumed on another instance after theirs died
         self._draining = False

@@ -11,6 +11,7 @@ from distinfer.distributed import parallel_state
 from distinfer.messages import ModelRunnerOutput, SchedulerOutput
 from distinfer.model.llama import head_dim_of
 from distinfer.worker.kv_transfer import KVLayout, export_blocks, import_blocks
+from distinfer.worker.kv_link import KVLinks
 from distinfer.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Worker:
         self.rank = rank
         self.device = torch.device(config.model.device)
         self.runner: ModelRunner | None = None
+        self.kv_links = KVLinks()
 
     def init_distributed(self, init_method: str, timeout_s: float = 120.0) -> None:
         """Join the instance's torch.distributed world (gloo on CPU, nccl on CUDA) and build TP/PP groups."""
@@ -101,6 +103,20 @@ class Worker:
         return KVLayout(stage.start_layer, stage.end_layer - stage.start_layer, first_head, num_heads,
                         hf_config.num_hidden_layers, hf_config.num_key_value_heads, head_dim_of(hf_config),
                         block_size, model.dtype)
+
+    # ---- the "p2p" migration transport: a gloo link per (this rank, the peer instance's same rank)
+
+    def kv_link_listen(self, link_id: str) -> tuple[str, int]:
+        return self.kv_links.listen(link_id)
+
+    def kv_link_connect(self, link_id: str, address: tuple[str, int] | None) -> None:
+        self.kv_links.connect(link_id, *(address or (None, None)))
+
+    def kv_link_send(self, link_id: str, block_ids: list[int]) -> None:
+        self.kv_links.send(link_id, self.runner.kv_caches, block_ids)
+
+    def kv_link_receive(self, link_id: str, block_ids: list[int]) -> None:
+        self.kv_links.receive(link_id, self.runner.kv_caches, block_ids)
 
     def sampler_state(self, req_id: str) -> bytes | None:
         """The request's sampler generator state on the rank that samples (None elsewhere, or unseeded)."""

@@ -83,6 +83,23 @@ def test_moving_at_any_point_leaves_the_stream_unchanged(engine):
     wait_idle(engine)
 
 
+def test_the_p2p_transport_moves_the_same_bytes(engine):
+    """Stages over a gloo link between the two instances' ranks instead of Ray's object store."""
+    p2p, p2p_stop_and_copy = MigrationConfig(transport="p2p"), MigrationConfig(transport="p2p", max_stages=0)
+
+    async def run() -> None:
+        expected = await reference(engine)
+        for move_after, config in [(1, p2p), (20, p2p), (10, p2p_stop_and_copy), (40, p2p)]:
+            outputs, result = await stream_with_move(engine, f"p2p-{move_after}-{config.max_stages}", move_after,
+                                                     config)
+            assert result.status == MigrationStatus.FINISHED, result
+            assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
+        with pytest.raises(ValueError, match="transport"):
+            MigrationConfig(transport="carrier-pigeon")
+    asyncio.run(run())
+    wait_idle(engine)
+
+
 def test_a_full_destination_refuses_and_the_request_goes_on_at_the_source(engine):
     async def run() -> None:
         expected = await reference(engine)
