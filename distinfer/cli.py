@@ -180,6 +180,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="live migrations the router starts on its own (needs --instances > 1; default none): "
                              "balance (from the most to the least loaded instance) or defrag (room for a queued "
                              "request that does not fit)")
+    parser.add_argument("--migration-transport", default="object_store", choices=["object_store", "p2p"],
+                        help="how KV moves between instances: object_store (Ray's, any topology; default) or p2p "
+                             "(a gloo link from each source rank to the same destination rank)")
     parser.add_argument("--prefill-instances", type=int, default=0,
                         help="prefill/decode disaggregation: instances that take new requests (prompt and first token); "
                              "each request then moves to one of the --decode-instances, chosen by load")
@@ -214,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_key_file=args.tls_key, drain_timeout_s=args.drain_timeout, limits=server_limits(args),
             log_level=args.log_level.lower(), num_instances=args.instances, dispatch_policy=args.dispatch_policy,
             prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
-            migration_policy=args.migration_policy)
+            migration_policy=args.migration_policy, migration_transport=args.migration_transport)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

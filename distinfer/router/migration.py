@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ray.exceptions import RayActorError, RayTaskError
 
 from distinfer.router.instance import remote_error
+from distinfer.router.rebalance import check_migration_transport
 
 if TYPE_CHECKING:
     from distinfer.router.router import Router
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("object_store", "p2p")
 
 
 class MigrationStatus(str, enum.Enum):
@@ -60,8 +60,7 @@ class MigrationConfig:
         if (isinstance(self.threshold_blocks, bool) or not isinstance(self.threshold_blocks, int)
                 or self.threshold_blocks < 0):
             raise ValueError(f"threshold_blocks must be an integer >= 0, got {self.threshold_blocks!r}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"unknown migration transport {self.transport!r}; known: {', '.join(TRANSPORTS)}")
+        check_migration_transport(self.transport)
 
 
 @dataclass

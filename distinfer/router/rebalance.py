@@ -22,6 +22,12 @@ from typing import ClassVar
 from distinfer.router.policies import InstanceView, LeastLoadPolicy
 
 DEFAULT_MIGRATION_POLICY = "none"
+MIGRATION_TRANSPORTS = ("object_store", "p2p")  # how KV travels between instances (router/migration.py)
+
+
+def check_migration_transport(name: str) -> None:
+    if name not in MIGRATION_TRANSPORTS:
+        raise ValueError(f"unknown migration transport {name!r}; known: {', '.join(MIGRATION_TRANSPORTS)}")
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,23 @@ class ServeAppArgs(BaseModel):
     # its own tp x pp workers), placed by `dispatch_policy` (default least_load; only with num_instances > 1)
     num_instances: int = Field(1, ge=1)
     dispatch_policy: str | None = None
+    # prefill/decode disaggregation (P + D instances), live migration's trigger policy and KV transport
+    prefill_instances: int = Field(0, ge=0)
+    decode_instances: int = Field(0, ge=0)
+    migration_policy: str | None = None
+    migration_transport: Literal["object_store", "p2p"] = "object_store"
 
     @model_validator(mode="after")
     def _check_instances(self) -> "ServeAppArgs":
-        check_instances(self.num_instances, self.dispatch_policy)
+        self.num_instances = check_instances(self.num_instances, self.dispatch_policy, self.prefill_instances,
+                                             self.decode_instances, self.migration_policy)
         return self
+
+    @property
+    def router_kwargs(self) -> dict[str, Any]:
+        return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
+                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
+                    migration_policy=self.migration_policy, migration_transport=self.migration_transport)
 
     @property
     def world_size(self) -> int:
@@ -159,7 +171,7 @@ class DistInferDeployment:
         kwargs = dict(a.engine_kwargs, tensor_parallel_size=a.tensor_parallel_size,
                       pipeline_parallel_size=a.pipeline_parallel_size, device=a.device)
         self.api_key = resolve_api_key(a.api_key)  # or $DISTINFER_API_KEY / $DISTINFER_API_KEY_FILE
-        self.engine = await asyncio.to_thread(make_engine, a.model, kwargs, a.num_instances, a.dispatch_policy)
+        self.engine = await asyncio.to_thread(make_engine, a.model, kwargs, **a.router_kwargs)
         self.metrics = EngineMetrics.attach(self.engine, a.model_name)
         self._grpc = self._grpc_servicer()
         logger.info("replica ready: %s (tp=%d, pp=%d, %d instance(s))", a.model_name, a.tensor_parallel_size,

@@ -28,7 +28,7 @@ import uvicorn
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.errors import EngineDrainingError
 from distinfer.router.policies import DEFAULT_DISPATCH_POLICY, check_dispatch_policy, check_pd_split
-from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY, check_migration_policy
+from distinfer.router.rebalance import DEFAULT_MIGRATION_POLICY, check_migration_policy, check_migration_transport
 from distinfer.serving.http_guard import HeaderLimitedH11Protocol
 from distinfer.serving.limits import ServerLimits
 from distinfer.serving.metrics import EngineMetrics
@@ -64,18 +64,20 @@ class ServeOptions:
     prefill_instances: int = 0  # prefill/decode disaggregation: P prefill + D decode instances
     decode_instances: int = 0
     migration_policy: str | None = None  # moves the router starts on its own (default none)
+    migration_transport: str = "object_store"  # how KV travels when a request moves ("p2p": gloo links)
 
     def __post_init__(self) -> None:
         if not self.drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         self.num_instances = check_instances(self.num_instances, self.dispatch_policy, self.prefill_instances,
                                              self.decode_instances, self.migration_policy)
+        check_migration_transport(self.migration_transport)
 
     @property
     def router_kwargs(self) -> dict[str, Any]:
         return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
                     prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
-                    migration_policy=self.migration_policy)
+                    migration_policy=self.migration_policy, migration_transport=self.migration_transport)
 
     @property
     def model_name(self) -> str:
@@ -108,15 +110,17 @@ def check_instances(num_instances: int, dispatch_policy: str | None, prefill_ins
 
 def make_engine(model: str | None, engine_kwargs: dict[str, Any], num_instances: int = 1,
                 dispatch_policy: str | None = None, prefill_instances: int = 0, decode_instances: int = 0,
-                migration_policy: str | None = None) -> Any:
+                migration_policy: str | None = None, migration_transport: str = "object_store") -> Any:
     """One instance: an AsyncLLM in this process. More: a RouterEngine over that many instances."""
     if num_instances == 1:
         return AsyncLLM(model, **engine_kwargs)
     from distinfer.router.client import RouterEngine  # Ray is imported only here
+    from distinfer.router.migration import MigrationConfig
 
     return RouterEngine(model, num_instances=num_instances, dispatch_policy=dispatch_policy or DEFAULT_DISPATCH_POLICY,
                         prefill_instances=prefill_instances, decode_instances=decode_instances,
-                        migration_policy=migration_policy or DEFAULT_MIGRATION_POLICY, **engine_kwargs)
+                        migration_policy=migration_policy or DEFAULT_MIGRATION_POLICY,
+                        migration=MigrationConfig(transport=migration_transport), **engine_kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -36,3 +36,25 @@ def test_defrag_frees_room_for_a_queued_request_that_does_not_fit():
     assert policy.plan([stuck, view("b", free=10, running=1)]) == []  # no instance has room
     assert policy.plan([view("a", free=30, running=3, waiting=1, queued=320), view("b", free=50)]) == []  # it fits
     assert policy.plan([stuck, view("b", free=50, waiting=1, queued=16)]) == []  # b has its own queue
+
+
+def test_router_options_at_the_edge():
+    """`distinfer serve` / the Serve app's args: the prefill/decode split, the migration policy and transport
+    are checked before anything starts."""
+    from distinfer.serving.ray_serve import ServeAppArgs
+    from distinfer.serving.server import ServeOptions
+
+    options = ServeOptions(prefill_instances=1, decode_instances=2, migration_policy="balance",
+                           migration_transport="p2p")
+    assert options.router_kwargs == dict(num_instances=3, dispatch_policy=None, prefill_instances=1,
+                                         decode_instances=2, migration_policy="balance", migration_transport="p2p")
+    for bad, message in [(dict(prefill_instances=1), "1 prefill and >= 1 decode"),
+                         (dict(num_instances=2, prefill_instances=1, decode_instances=2), "does not match"),
+                         (dict(migration_policy="balance"), "more than one instance"),
+                         (dict(num_instances=2, migration_policy="shuffle"), "unknown migration policy"),
+                         (dict(num_instances=2, migration_transport="pigeon"), "unknown migration transport")]:
+        with pytest.raises(ValueError, match=message):
+            ServeOptions(**bad)
+    assert ServeAppArgs(prefill_instances=1, decode_instances=1).num_instances == 2
+    with pytest.raises(ValueError, match="1 prefill"):
+        ServeAppArgs(prefill_instances=0, decode_instances=2)
