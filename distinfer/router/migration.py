@@ -73,6 +73,7 @@ class MigrationResult:
     stage_blocks: list[int] = field(default_factory=list)  # blocks copied per stage, the last one included
     stage_seconds: list[float] = field(default_factory=list)
     paused_s: float = 0.0  # the last stage: from the pause on the source to the commit on the destination
+    transport: str = "object_store"  # the one the KV went by
 
 
 class _Aborted(Exception):
@@ -88,6 +89,7 @@ async def migrate(router: Router, stream: RequestStream, src: _Instance, dst: _I
     result = MigrationResult(request_id, src.instance_id, dst.instance_id, MigrationStatus.FINISHED)
     try:
         link = await router.kv_link(src, dst) if config.transport == "p2p" else None
+        result.transport = "p2p" if link is not None else "object_store"
         lock = router._link_locks.get(link) if link is not None else None
         async with lock if lock is not None else contextlib.nullcontext():
             sent = await _precopy(router, stream, src, dst, config, result, link)

@@ -87,12 +87,14 @@ def test_the_p2p_transport_moves_the_same_bytes(engine):
     """Stages over a gloo link between the two instances' ranks instead of Ray's object store."""
     p2p, p2p_stop_and_copy = MigrationConfig(transport="p2p"), MigrationConfig(transport="p2p", max_stages=0)
 
+    long = SEEDED.clone(max_tokens=200)  # opening a link takes a while: the request must not finish meanwhile
+
     async def run() -> None:
-        expected = await reference(engine)
+        expected = received([out async for out in engine.generate(PROMPT, long.clone(), "p2p-reference")])
         for move_after, config in [(1, p2p), (20, p2p), (10, p2p_stop_and_copy), (40, p2p)]:
             outputs, result = await stream_with_move(engine, f"p2p-{move_after}-{config.max_stages}", move_after,
-                                                     config)
-            assert result.status == MigrationStatus.FINISHED, result
+                                                     config, params=long)
+            assert result.status == MigrationStatus.FINISHED and result.transport == "p2p", result
             assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
         with pytest.raises(ValueError, match="transport"):
             MigrationConfig(transport="carrier-pigeon")
