@@ -217,3 +217,21 @@ async def test_a_paused_request_resumes_on_the_source_as_if_nothing_happened(tmp
             await engine.release_request("paused")  # finished meanwhile: nothing to release
     finally:
         engine.shutdown()
+
+
+def test_a_reservation_never_committed_is_freed_after_its_timeout(tiny_pair):
+    import time
+
+    _, dst = tiny_pair
+    total = dst.get_stats().num_total_blocks
+    dst.mover.timeout_s = 0.05
+    try:
+        assert dst.mover.reserve("ghost", 10)
+        assert dst.get_stats().num_free_blocks == total - 10
+        time.sleep(0.1)
+        dst.step()  # every step first frees expired reservations
+        assert dst.get_stats().num_free_blocks == total
+        with pytest.raises(KeyError, match="no reservation"):
+            dst.mover.import_blocks("ghost", 0, [])
+    finally:
+        dst.mover.timeout_s = 30.0
