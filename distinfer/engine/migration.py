@@ -4,8 +4,9 @@ hand-off), on one engine, between its steps. The caller (the router) drives the 
     source                                   destination
     export_blocks(rid, 0) -> kv, n1          reserve(rid, n1); import_blocks(rid, 0, kv)       stage 1
     export_blocks(rid, n1) -> kv, n2         reserve(rid, n2); import_blocks(rid, n1, kv)      stage 2 ...
-    export_request(rid, nk) -> snapshot, kv  commit(snapshot, kv, nk)                          last stage
-    (the request is gone here)               (it runs here from the next step)
+    pause(rid, nk) -> snapshot, kv           commit(snapshot, kv, nk)                          last stage
+    release(rid): gone here                  (it runs here from the next step)
+    (or resume(rid) when the commit failed)
 
 While stages run the request keeps decoding on the source: a stage copies only full, computed blocks,
 which no step writes again. The last stage takes the rest (the partial block) with the request's state.
