@@ -212,6 +212,9 @@ class EngineStats:
     # load, for the router's dispatch
     num_queued_tokens: int = 0  # tokens the waiting requests still have to compute
     num_free_host_blocks: int = 0  # host blocks a swap-out could take now
+    # moving requests between instances (engine.mover)
+    num_migrated_in: int = 0  # requests committed here from another instance (moves, hand-offs, failovers)
+    num_migrated_out: int = 0  # requests released here after they committed on another instance
 
 
 # ---------------------------------------------------------------- migration (between engine instances)

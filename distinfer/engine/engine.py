@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections import deque
 from typing import Callable, Iterable
 
@@ -138,7 +138,7 @@ class LLMEngine:
         return self.output_processor.get_num_unfinished_requests()
 
     def get_stats(self) -> EngineStats:
-        return self.scheduler.get_stats()
+        return replace(self.scheduler.get_stats(), num_migrated_in=self.mover.num_in, num_migrated_out=self.mover.num_out)
 
     # ------------------------------------------------------------ the step
 

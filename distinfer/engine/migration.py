@@ -47,6 +47,7 @@ class RequestMover:
         self.timeout_s = timeout_s
         self._reservations: dict[str, _Reservation] = {}
         self._layouts: list[KVLayout] | None = None  # this instance's ranks' KV layouts, asked once
+        self.num_in = self.num_out = 0  # requests committed here / released from here
 
     @property
     def _scheduler(self):
@@ -95,6 +96,7 @@ class RequestMover:
             raise KeyError(f"request {request_id!r} is not paused for a move here (finished or aborted meanwhile)")
         self.engine.output_processor.abort_requests([request_id])
         self._scheduler.remove_request(request_id)
+        self.num_out += 1
 
     def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
         """pause + release: take the request out of this instance with its snapshot and KV."""
@@ -193,6 +195,7 @@ class RequestMover:
             del self._reservations[request_id]  # the blocks are the request's now
         self.engine.output_processor.import_request(snapshot.request, snapshot.output_token_ids, snapshot.output)
         self._scheduler.import_request(_request_from(snapshot), has_kv=bool(num_needed))
+        self.num_in += 1
         return True
 
     def cancel(self, request_id: str) -> None:

@@ -91,6 +91,13 @@ class _StatsCollector(Collector):
         yield gauge("num_host_kv_cache_blocks", "Blocks in the host KV tier (0: none).", stats.num_host_blocks)
         yield counter("host_prefix_cache_hits", "Prefix cache hit tokens copied back from the host tier.",
                       stats.host_prefix_cache_hits)
+        migrations = CounterMetricFamily(PREFIX + "num_migrated_requests",
+                                         "Requests moved between engine instances (live migration, prefill/decode "
+                                         "hand-off, failover), by direction as each instance counts them.",
+                                         labels=["model_name", "direction"])
+        migrations.add_metric(labels + ["in"], stats.num_migrated_in)
+        migrations.add_metric(labels + ["out"], stats.num_migrated_out)
+        yield migrations
         transfer = CounterMetricFamily(PREFIX + "kv_transfer_bytes", "KV bytes copied between the tiers.",
                                        labels=["model_name", "direction"])
         transfer.add_metric(labels + ["to_host"], stats.kv_bytes_to_host)

@@ -67,20 +67,22 @@ async def reference(engine) -> tuple:
 
 
 def test_moving_at_any_point_leaves_the_stream_unchanged(engine):
+    import ray
+
     async def run() -> None:
         expected = await reference(engine)
         assert len(expected[0]) == 60 and expected[3]
         for move_after, config in [(1, None), (8, None), (30, None), (1, STOP_AND_COPY), (30, STOP_AND_COPY)]:
-            before = None
             outputs, result = await stream_with_move(engine, f"m{move_after}-{config is None}", move_after, config)
             assert result.status == MigrationStatus.FINISHED, result
             assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
             assert result.source != result.destination and len(result.stage_blocks) >= 1
             if config is STOP_AND_COPY:
                 assert len(result.stage_blocks) == 1 and result.stage_blocks[0] > 0  # everything in the last stage
-            del before
     asyncio.run(run())
     wait_idle(engine)
+    stats = ray.get(engine.router.state.remote()).stats  # the instances count their moves (/metrics shows them)
+    assert stats.num_migrated_in == stats.num_migrated_out == 5
 
 
 def test_the_p2p_transport_moves_the_same_bytes(engine):
