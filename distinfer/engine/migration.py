@@ -38,6 +38,7 @@ KVExport = list[KVShard]  # per source rank, in rank order; [] when no blocks mo
 class _Reservation:
     num_blocks: int
     deadline: float  # time.monotonic()
+    copying: int = 0  # writes in progress off the step loop: it does not expire meanwhile
 
 
 class RequestMover:
@@ -47,6 +48,7 @@ class RequestMover:
         self.timeout_s = timeout_s
         self._reservations: dict[str, _Reservation] = {}
         self._layouts: list[KVLayout] | None = None  # this instance's ranks' KV layouts, asked once
+        self._epochs: dict[str, int] = {}  # request id -> its preemption count when its pre-copy began
         self.num_in = self.num_out = 0  # requests committed here / released from here
 
     @property
@@ -58,12 +60,22 @@ class RequestMover:
     def export_blocks(self, request_id: str, first_block: int) -> tuple[KVExport, int]:
         """The request's full, computed blocks from `first_block` on (it keeps running); and the index after
         the last one exported (== first_block when there is nothing new, e.g. it is waiting or swapped)."""
+        block_ids, end = self.stage_blocks(request_id, first_block)
+        return (self.copy_out(block_ids) if block_ids else []), end
+
+    def stage_blocks(self, request_id: str, first_block: int) -> tuple[list[int], int]:
+        """A pre-copy stage's device blocks (full, computed, from `first_block` on) and the index after them.
+        Their copy (`copy_out`) may then run off the step loop, while steps go on: no step writes a full
+        computed block, and one the request frees (a preemption) makes `pause` refuse the move."""
         self.engine.output_processor.check_movable(request_id)
         request = self._scheduler.requests[request_id]
+        if first_block == 0:
+            self._epochs[request_id] = request.num_preemptions
         block_ids = self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size]
-        if len(block_ids) <= first_block:
-            return [], first_block
-        return self._export(block_ids[first_block:]), len(block_ids)
+        return block_ids[first_block:], max(len(block_ids), first_block)
+
+    def copy_out(self, block_ids: list[int]) -> KVExport:
+        return self._export(block_ids)
 
     def pause(self, request_id: str, first_block: int = 0, export: bool = True) -> tuple[RequestSnapshot, KVExport]:
         """The last stage on the source: stop scheduling the request (it keeps its blocks and its place) and
@@ -72,6 +84,9 @@ class RequestMover:
         Then `release` it (committed elsewhere) or `resume` it."""
         self.engine.output_processor.check_movable(request_id)
         request = self._scheduler.requests[request_id]
+        if self._epochs.pop(request_id, request.num_preemptions) != request.num_preemptions:
+            raise RuntimeError(f"request {request_id!r} was preempted during the pre-copy: the blocks copied then "
+                               "may have been reused; it stays here")
         block_ids = self._scheduler.exportable_blocks(request_id)
         self._scheduler.pause(request_id)
         try:
@@ -96,6 +111,7 @@ class RequestMover:
             raise KeyError(f"request {request_id!r} is not paused for a move here (finished or aborted meanwhile)")
         self.engine.output_processor.abort_requests([request_id])
         self._scheduler.remove_request(request_id)
+        self._epochs.pop(request_id, None)
         self.num_out += 1
 
     def export_request(self, request_id: str, first_block: int = 0) -> tuple[RequestSnapshot, KVExport]:
@@ -112,21 +128,33 @@ class RequestMover:
         request = self._scheduler.requests[request_id]
         return len(self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size])
 
-    def send_blocks(self, link_id: str, request_id: str, first_block: int, end_block: int) -> None:
-        """Send the request's blocks [first_block, end_block) over a link (the peer receives them now)."""
+    def link_send_ids(self, request_id: str, first_block: int, end_block: int) -> list[int]:
+        """The device blocks [first_block, end_block) of the request, to send over a link (`send_blocks`;
+        off the step loop is safe for the same reasons as `copy_out`)."""
         block_ids = self._scheduler.exportable_blocks(request_id)[first_block:end_block]
         if len(block_ids) != end_block - first_block:
             raise ValueError(f"request {request_id!r} holds no blocks [{first_block}, {end_block})")
-        self.engine.executor.collective_rpc("kv_link_send", link_id, block_ids)
+        return block_ids
 
-    def receive_blocks(self, link_id: str, request_id: str, first_block: int, num_blocks: int) -> None:
-        """Receive blocks over a link into the reservation, at block index first_block on."""
+    def link_receive_ids(self, request_id: str, first_block: int, num_blocks: int) -> list[int]:
+        """The reserved blocks a link transfer writes, at block index first_block on (`receive_blocks`)."""
         reservation = self._reservations.get(request_id)
         if reservation is None or first_block + num_blocks > reservation.num_blocks:
             raise KeyError(f"no reservation of {first_block + num_blocks} blocks for request {request_id!r}")
-        block_ids = self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num_blocks]
-        self.engine.executor.collective_rpc("kv_link_receive", link_id, block_ids)
         reservation.deadline = time.monotonic() + self.timeout_s
+        reservation.copying += 1  # until receive_blocks ends
+        return self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num_blocks]
+
+    def send_blocks(self, link_id: str, block_ids: list[int]) -> None:
+        self.engine.executor.collective_rpc("kv_link_send", link_id, block_ids)
+
+    def receive_blocks(self, link_id: str, request_id: str, block_ids: list[int]) -> None:
+        try:
+            self.engine.executor.collective_rpc("kv_link_receive", link_id, block_ids)
+        finally:
+            reservation = self._reservations.get(request_id)
+            if reservation is not None:
+                reservation.copying -= 1
 
     def _export(self, block_ids: list[int]) -> KVExport:
         tensors = self.engine.executor.collective_rpc("export_kv_blocks", block_ids)
@@ -156,6 +184,11 @@ class RequestMover:
 
     def import_blocks(self, request_id: str, first_block: int, kv: KVExport) -> None:
         """Write a stage's blocks into the reservation, at block index `first_block` on."""
+        self.copy_in(request_id, self.stage_import(request_id, first_block, kv), kv)
+
+    def stage_import(self, request_id: str, first_block: int, kv: KVExport) -> list[int]:
+        """The reserved device blocks a stage's KV goes to (checked). Their write (`copy_in`) may then run off
+        the step loop: no step touches a reservation's blocks."""
         reservation = self._reservations.get(request_id)
         if reservation is None:
             raise KeyError(f"no reservation for request {request_id!r} (never made, committed, or expired)")
@@ -163,12 +196,21 @@ class RequestMover:
         if first_block < 0 or first_block + num > reservation.num_blocks:
             raise ValueError(f"blocks [{first_block}, {first_block + num}) are outside the reservation of "
                              f"{reservation.num_blocks}")
-        if num:
-            block_ids = self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num]
-            local = reshard(kv, self.kv_layouts)  # pass-through when the layouts are the same
-            self.engine.executor.collective_rpc("import_kv_blocks", block_ids,
-                                                rank_args=[(layers,) for layers in local])
         reservation.deadline = time.monotonic() + self.timeout_s
+        reservation.copying += 1  # until copy_in ends
+        return self._scheduler.kv.get_block_ids(request_id)[first_block:first_block + num]
+
+    def copy_in(self, request_id: str, block_ids: list[int], kv: KVExport) -> None:
+        try:
+            if block_ids:
+                local = reshard(kv, self.kv_layouts)  # pass-through when the layouts are the same
+                self.engine.executor.collective_rpc("import_kv_blocks", block_ids,
+                                                    rank_args=[(layers,) for layers in local])
+        finally:
+            reservation = self._reservations.get(request_id)
+            if reservation is not None:
+                reservation.copying -= 1
+                reservation.deadline = time.monotonic() + self.timeout_s
 
     def commit(self, snapshot: RequestSnapshot, kv: KVExport, first_block: int = 0) -> bool:
         """Resume the request here from its snapshot: `kv` holds its blocks from `first_block` on, the earlier
@@ -205,7 +247,7 @@ class RequestMover:
 
     def expire_reservations(self) -> None:
         now = time.monotonic()
-        for request_id in [r for r, res in self._reservations.items() if res.deadline < now]:
+        for request_id in [r for r, res in self._reservations.items() if res.deadline < now and not res.copying]:
             logger.warning("migration reservation for request %s expired: its blocks are freed", request_id)
             self.cancel(request_id)
 

@@ -84,14 +84,20 @@ class EngineInstance:
     # ---- live migration, driven by the router (router/migration.py); each runs between two steps
 
     async def export_blocks(self, request_id: str, first_block: int) -> tuple[list, int]:
-        """A pre-copy stage on the source: (KV of the full computed blocks from first_block on, the end)."""
-        return await self.engine.call_between_steps(lambda e: e.mover.export_blocks(request_id, first_block))
+        """A pre-copy stage on the source: (KV of the full computed blocks from first_block on, the end). The
+        copy runs off the step loop, so the request (and every other) keeps decoding meanwhile."""
+        mover = self.engine.engine.mover
+        block_ids, end = await self.engine.call_between_steps(lambda e: mover.stage_blocks(request_id, first_block))
+        return (await asyncio.to_thread(mover.copy_out, block_ids) if block_ids else []), end
 
     async def reserve(self, request_id: str, num_blocks: int) -> bool:
         return await self.engine.call_between_steps(lambda e: e.mover.reserve(request_id, num_blocks))
 
     async def import_blocks(self, request_id: str, first_block: int, kv: list) -> None:
-        await self.engine.call_between_steps(lambda e: e.mover.import_blocks(request_id, first_block, kv))
+        """A pre-copy stage on the destination: the write runs off the step loop (into reserved blocks)."""
+        mover = self.engine.engine.mover
+        block_ids = await self.engine.call_between_steps(lambda e: mover.stage_import(request_id, first_block, kv))
+        await asyncio.to_thread(mover.copy_in, request_id, block_ids, kv)
 
     async def cancel_reservation(self, request_id: str) -> None:
         await self.engine.call_between_steps(lambda e: e.mover.cancel(request_id))
@@ -119,11 +125,16 @@ class EngineInstance:
                                 *(() if rank_args else (None,)), rank_args=rank_args)
 
     async def send_blocks(self, link_id: str, request_id: str, first_block: int, end_block: int) -> None:
-        await self.engine.call_between_steps(lambda e: e.mover.send_blocks(link_id, request_id, first_block, end_block))
+        """The "p2p" transport, source side; the transfer runs off the step loop (it waits for the peer)."""
+        mover = self.engine.engine.mover
+        block_ids = await self.engine.call_between_steps(lambda e: mover.link_send_ids(request_id, first_block, end_block))
+        await asyncio.to_thread(mover.send_blocks, link_id, block_ids)
 
     async def receive_blocks(self, link_id: str, request_id: str, first_block: int, num_blocks: int) -> None:
-        await self.engine.call_between_steps(
-            lambda e: e.mover.receive_blocks(link_id, request_id, first_block, num_blocks))
+        mover = self.engine.engine.mover
+        block_ids = await self.engine.call_between_steps(
+            lambda e: mover.link_receive_ids(request_id, first_block, num_blocks))
+        await asyncio.to_thread(mover.receive_blocks, link_id, request_id, block_ids)
 
     async def resume(self, request_id: str) -> None:
         await self.engine.resume_request(request_id)

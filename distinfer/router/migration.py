@@ -17,7 +17,7 @@ Transports: "object_store" (the default, any topology): the KV of a stage goes f
 destination as a Ray object (the router passes the reference on; the bytes never enter the router).
 "p2p": each source rank sends straight to the same destination rank over a gloo link of their own
 (worker/kv_link.py), opened once per instance pair; it needs both instances to shard the KV the same way
-(else the object store is used). While a stage crosses a link both instances' step loops wait for it.
+(else the object store is used). Stage copies run off the instances' step loops, which go on stepping.
 """
 from __future__ import annotations
 
