@@ -51,11 +51,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-def _needs_tokenizing(prompt: PromptType) -> bool:
+def needs_tokenizing(prompt: PromptType) -> bool:
     return isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)
 
 
-def _aborted_output(request: EngineRequest) -> RequestOutput:
+def aborted_output(request: EngineRequest) -> RequestOutput:
     completion = CompletionOutput(index=0, text="", token_ids=[], finish_reason=FinishReason.ABORT.value)
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished=True)
 
@@ -191,7 +191,7 @@ class AsyncLLM:
     async def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
         self._check_accepting()
         process = self.engine.input_processor.process
-        if _needs_tokenizing(prompt):  # tokenizers release the GIL: the caller's loop keeps serving
+        if needs_tokenizing(prompt):  # tokenizers release the GIL: the caller's loop keeps serving
             request = await asyncio.to_thread(process, request_id, prompt, params, priority=priority)
             self._check_accepting()
         else:
@@ -229,7 +229,7 @@ class AsyncLLM:
             streams = [self._streams.pop(i, None) for i in request_ids]
         if notify:
             for stream in filter(None, streams):
-                stream.put(_aborted_output(stream.request))
+                stream.put(aborted_output(stream.request))
         self._inbox.put(("abort", request_ids, None))
         self._wake.set()
 

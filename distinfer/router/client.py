@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distinfer.config import DistInferConfig
-from distinfer.engine.async_llm import StepCallback
+from distinfer.engine.async_llm import StepCallback, aborted_output, needs_tokenizing
 from distinfer.engine.input_processor import InputProcessor, ModelLimits, PromptType
 from distinfer.engine.llm import build_config
 from distinfer.engine.output_processor import RequestOutputKind
@@ -35,10 +35,8 @@ from distinfer.errors import (
 )
 from distinfer.executor.ray import check_parallel_shapes, ensure_ray
 from distinfer.messages import (
-    CompletionOutput,
     EngineRequest,
     EngineStats,
-    FinishReason,
     RequestOutput,
 )
 from distinfer.model.loader import load_hf_config, load_tokenizer
@@ -83,15 +81,6 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _needs_tokenizing(prompt: PromptType) -> bool:
-    return isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)
-
-
-def _aborted_output(request: EngineRequest) -> RequestOutput:
-    completion = CompletionOutput(index=0, text="", token_ids=[], finish_reason=FinishReason.ABORT.value)
-    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished=True)
 
 
 def resolve_router_device(device: str) -> str:
@@ -223,7 +212,7 @@ class RouterEngine:
     async def _submit(self, prompt, params, request_id, priority, output_kind) -> _Stream:
         self._check_accepting()
         process = self.engine.input_processor.process
-        if _needs_tokenizing(prompt):  # tokenizers release the GIL: the caller's loop keeps serving
+        if needs_tokenizing(prompt):  # tokenizers release the GIL: the caller's loop keeps serving
             request = await asyncio.to_thread(process, request_id, prompt, params, priority=priority)
             self._check_accepting()
         else:
@@ -290,7 +279,7 @@ class RouterEngine:
             if stream.pump is not None:
                 stream.pump.cancel()
             if notify:
-                stream.put(_aborted_output(stream.request))
+                stream.put(aborted_output(stream.request))
         self.router.abort.remote(request_ids)  # the instances free the requests' blocks
         self._notify([], request_ids)
 
