@@ -2,16 +2,18 @@
 random Llama, this machine's CPU. Every comparison runs its configurations in the same run, each on a fresh
 RouterEngine, on the same workload (same seed, same arrival times).
 
-    .venv/bin/python benchmarks/router.py imbalance [--instances 2] [--quick] [--json out.json]
+    .venv/bin/python benchmarks/router.py imbalance [--instances 2] [--configs round_robin least_load+balance ...]
+                                                    [--track-moves] [--quick] [--json out.json]
     .venv/bin/python benchmarks/router.py pd [--quick]
-    .venv/bin/python benchmarks/router.py downtime [--lengths 128 512 2048 8192] [--repeats 3] [--quick]
-    .venv/bin/python benchmarks/router.py all [--quick]
+    .venv/bin/python benchmarks/router.py downtime [--lengths 128 512 2048 8192] [--repeats 5] [--quick]
+    .venv/bin/python benchmarks/router.py all [--quick]      # ~5.5 min (--quick: ~3 min)
 
 - imbalance: a Poisson stream of short and long requests (skewed sizes: a few long prompts with many output
   tokens among many short ones) on a KV budget per instance that holds about one long request, so piling
   long requests on one instance makes the others queue or be preempted there. Round-robin vs least-load vs
-  least-load + the "balance" migration policy: TTFT p50/p99 (client side: first output - send), total time,
-  preemptions (summed over the instances), migrations.
+  least-load + the "balance" migration policy (--configs: any "dispatch[+migration]" policies; ratios against
+  the first): TTFT percentiles (client side: first output - send), total time, preemptions (summed over the
+  instances), migrations by result; --track-moves also asks the router where each request runs every 0.1 s.
 - pd: 1 prefill + 1 decode instance vs 2 colocated (least-load), the same kind of workload: TTFT and
   inter-token latency percentiles (a delta of k tokens after a gap g counts as k gaps of g / k).
 - downtime: one request alone, moved mid-decode with the router's default multi-stage pre-copy vs
@@ -202,7 +204,7 @@ def summarize(name: str, traces: list[Trace], wall: float, state: Any) -> dict:
             "total_s": wall, "preemptions": state.stats.num_preemptions, "migrations": dict(state.migrations),
             "moves_seen": sum(max(0, len(t.places) - 1) for t in traces),
             "moved_twice_or_more": sorted(t.request_id for t in traces if len(t.places) > 2),
-            "per_request": [(t.request_id, t.long, round(t.ttft, 4) if t.arrivals else None) for t in traces]}
+            "per_request": [(t.request_id, t.long, round(t.ttft, 4) if t.arrivals else None, t.places) for t in traces]}
 
 
 def run_config(name: str, model: str, reqs: list[Req], router_kwargs: dict, engine_kwargs: dict,
@@ -347,8 +349,10 @@ def latency_table(title: str, rows: list[dict], ratios: bool) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         if r["moves_seen"]:
+            most = max(r["per_request"], key=lambda p: len(p[3]))
             lines.append(f"\n{r['config']}: {r['moves_seen']} moves seen by --track-moves; requests moved twice or "
-                         f"more: {len(r['moved_twice_or_more'])} {r['moved_twice_or_more']}")
+                         f"more: {len(r['moved_twice_or_more'])} {r['moved_twice_or_more']}; the most: {most[0]} "
+                         f"({'long' if most[1] else 'short'}) on {' -> '.join(most[3])}")
     return "\n".join(lines)
 
 
