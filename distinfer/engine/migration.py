@@ -63,8 +63,10 @@ class RequestMover:
         block_ids, end = self.stage_blocks(request_id, first_block)
         return (self.copy_out(block_ids) if block_ids else []), end
 
-    def stage_blocks(self, request_id: str, first_block: int) -> tuple[list[int], int]:
-        """A pre-copy stage's device blocks (full, computed, from `first_block` on) and the index after them.
+    def stage_blocks(self, request_id: str, first_block: int,
+                     max_blocks: int | None = None) -> tuple[list[int], int]:
+        """A pre-copy stage's device blocks (full, computed, from `first_block` on; at most `max_blocks`) and
+        the index after them.
         Their copy (`copy_out`) may then run off the step loop, while steps go on: no step writes a full
         computed block, and one the request frees (a preemption) makes `pause` refuse the move."""
         self.engine.output_processor.check_movable(request_id)
@@ -72,6 +74,8 @@ class RequestMover:
         if first_block == 0:
             self._epochs[request_id] = request.num_preemptions
         block_ids = self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size]
+        if max_blocks is not None:
+            block_ids = block_ids[:first_block + max_blocks]
         return block_ids[first_block:], max(len(block_ids), first_block)
 
     def copy_out(self, block_ids: list[int]) -> KVExport:

@@ -125,7 +125,7 @@ class Scheduler(SchedulerMoves):
 
     def has_unfinished_requests(self) -> bool:
         """Anything to schedule (a request paused for a move is not: the loop may sleep)."""
-        return bool(self.waiting) or len(self.running) > len(self._paused)
+        return len(self.waiting) + len(self.running) > len(self._paused)  # paused ones are among these
 
     @property
     def num_paused(self) -> int:
@@ -214,8 +214,8 @@ class Scheduler(SchedulerMoves):
             request = self.waiting[index]
             if request.request_id in step.preempted:
                 break  # a victim keeps its place: nothing ranked after it jumps ahead this step
-            if self._waits_for_sibling(request):
-                index += 1
+            if self._waits_for_sibling(request) or request.request_id in self._paused:
+                index += 1  # a paused waiting request is being moved: it is not admitted here meanwhile
                 continue
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(request, step):
                 break

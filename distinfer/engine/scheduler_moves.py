@@ -27,6 +27,14 @@ class SchedulerMoves:
     def resume(self, request_id: str) -> None:
         self._paused.discard(request_id)
 
+    def head_of_queue(self) -> tuple[str, int] | None:
+        """The first waiting request that is not paused, and the device blocks its tokens need (None: none
+        waits). What the router's defragmentation frees room for."""
+        for request in self.waiting:
+            if request.request_id not in self._paused:
+                return request.request_id, -(-request.num_tokens // self.block_size)
+        return None
+
     def is_paused(self, request_id: str) -> bool:
         return request_id in self._paused
 

@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 from distinfer.config import DistInferConfig
 from distinfer.engine.async_llm import AsyncLLM
 from distinfer.engine.output_processor import RequestOutputKind
-from distinfer.messages import EngineRequest, EngineStats, RequestOutput
+from distinfer.messages import EngineRequest, RequestOutput
 from distinfer.router.stats import InstanceLoad
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,13 @@ class EngineInstance:
 
     # ---- live migration, driven by the router (router/migration.py); each runs between two steps
 
-    async def export_blocks(self, request_id: str, first_block: int) -> tuple[list, int]:
-        """A pre-copy stage on the source: (KV of the full computed blocks from first_block on, the end). The
-        copy runs off the step loop, so the request (and every other) keeps decoding meanwhile."""
+    async def export_blocks(self, request_id: str, first_block: int, max_blocks: int | None = None) -> tuple[list, int]:
+        """A pre-copy chunk on the source: (KV of the full computed blocks from first_block on, at most max_blocks
+        of them; the index after them). The copy runs off the step loop, so the request (and every other) keeps
+        decoding meanwhile."""
         mover = self.engine.engine.mover
-        block_ids, end = await self.engine.call_between_steps(lambda e: mover.stage_blocks(request_id, first_block))
+        block_ids, end = await self.engine.call_between_steps(
+            lambda e: mover.stage_blocks(request_id, first_block, max_blocks))
         return (await asyncio.to_thread(mover.copy_out, block_ids) if block_ids else []), end
 
     async def reserve(self, request_id: str, num_blocks: int) -> bool:
@@ -159,9 +161,10 @@ class EngineInstance:
         """This instance's load, read on the step-loop thread between two steps: after every request this
         instance received before the call (they are queued ahead of it), so a report covers each
         request dispatched before it was asked for. Raises EngineDeadError when the engine has died."""
-        stats: EngineStats = await self.engine.call_between_steps(lambda engine: engine.get_stats())
+        stats, head = await self.engine.call_between_steps(
+            lambda engine: (engine.get_stats(), engine.scheduler.head_of_queue()))
         return InstanceLoad.from_stats(self.instance_id, stats, self.engine.engine.config.cache.block_size,
-                                       self.engine.is_draining)
+                                       self.engine.is_draining, head_of_queue=head)
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests, and wait (up to timeout_s) for the ones in flight to finish."""

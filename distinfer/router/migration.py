@@ -2,8 +2,9 @@
 
 Stages (the request keeps decoding on the source until the last):
   1..k  pre-copy: the source exports its full computed blocks not sent yet; the destination reserves blocks
-        and writes them. Stops when a stage finds at most `threshold_blocks` new blocks, or after
-        `max_stages` stages.
+        and writes them, in chunks of at most `chunk_blocks` (so that no single copy or serialization holds
+        either instance for long: the request's tokens keep flowing between chunks). Stops when a stage
+        finds at most `threshold_blocks` new blocks, or after `max_stages` stages.
   last  the source pauses the request (kept, not scheduled) and exports the rest with its RequestSnapshot;
         the destination commits it and starts streaming; the router points the caller's stream at the
         destination; the source releases the request (its stream there ends with RequestMovedError, after
@@ -52,14 +53,14 @@ class MigrationStatus(str, enum.Enum):
 class MigrationConfig:
     max_stages: int = 4  # pre-copy stages before the last one (0: stop-and-copy)
     threshold_blocks: int = 2  # a stage with at most this many new blocks is the last pre-copy stage
+    chunk_blocks: int = 32  # a pre-copy stage's blocks travel in chunks of at most this many
     transport: str = "object_store"
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_stages, bool) or not isinstance(self.max_stages, int) or self.max_stages < 0:
-            raise ValueError(f"max_stages must be an integer >= 0, got {self.max_stages!r}")
-        if (isinstance(self.threshold_blocks, bool) or not isinstance(self.threshold_blocks, int)
-                or self.threshold_blocks < 0):
-            raise ValueError(f"threshold_blocks must be an integer >= 0, got {self.threshold_blocks!r}")
+        for name, minimum in (("max_stages", 0), ("threshold_blocks", 0), ("chunk_blocks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         check_migration_transport(self.transport)
 
 
@@ -104,26 +105,39 @@ async def migrate(router: Router, stream: RequestStream, src: _Instance, dst: _I
 
 async def _precopy(router: Router, stream: RequestStream, src: _Instance, dst: _Instance,
                    config: MigrationConfig, result: MigrationResult, link: str | None) -> int:
-    request_id, sent = stream.request.request_id, 0
+    sent = 0
     for _ in range(config.max_stages):
         start = time.perf_counter()
-        if link is None:
-            kv_ref, end_ref = src.actor.export_blocks.options(num_returns=2).remote(request_id, sent)
-            end = await _source(src, end_ref, stream, router, kv_ref)
-        else:
-            end = await _source(src, src.actor.num_full_blocks.remote(request_id), stream, router, None)
-        if end > sent:
-            await _reserve(dst, request_id, end)
-            if link is None:
-                await _destination(dst, dst.actor.import_blocks.remote(request_id, sent, kv_ref))
-            else:
-                await _over_link(link, src, dst, request_id, sent, end)
+        end = await _precopy_stage(router, stream, src, dst, config, link, sent)
         result.stage_blocks.append(end - sent)
         result.stage_seconds.append(time.perf_counter() - start)
         new, sent = end - sent, end
         if new <= config.threshold_blocks:
             break
     return sent
+
+
+async def _precopy_stage(router: Router, stream: RequestStream, src: _Instance, dst: _Instance,
+                         config: MigrationConfig, link: str | None, sent: int) -> int:
+    """One pre-copy stage: the full computed blocks from `sent` on, chunk by chunk, until a chunk comes back
+    short (the stage caught up with the request); the index after the last block sent."""
+    request_id, chunk = stream.request.request_id, config.chunk_blocks
+    while True:
+        if link is None:
+            kv_ref, end_ref = src.actor.export_blocks.options(num_returns=2).remote(request_id, sent, chunk)
+            end = await _source(src, end_ref, stream, router, kv_ref)
+        else:
+            end = min(await _source(src, src.actor.num_full_blocks.remote(request_id), stream, router, None),
+                      sent + chunk)
+        if end > sent:
+            await _reserve(dst, request_id, end)
+            if link is None:
+                await _destination(dst, dst.actor.import_blocks.remote(request_id, sent, kv_ref))
+            else:
+                await _over_link(link, src, dst, request_id, sent, end)
+        if end - sent < chunk:
+            return end
+        sent = end
 
 
 async def _last_stage(router: Router, stream: RequestStream, src: _Instance, dst: _Instance, sent: int,

@@ -77,11 +77,10 @@ class RequestMoves:
             pool = [i for i in self.instances.values() if i.role == role and i.open and not i.moving]
             for move in self.migration_policy.plan([i.view() for i in pool]):
                 src, dst = self.instances[move.source], self.instances[move.destination]
-                movable = [s for s in src.streams.values() if not s.migrating and not s.finished and not s.aborted]
-                if movable:  # the least KV to copy
-                    stream = min(movable, key=lambda s: len(s.request.prompt_token_ids) + s.num_delivered_tokens)
+                stream = src.streams.get(move.request_id)
+                if stream is not None and not (stream.migrating or stream.finished or stream.aborted):
                     src.moving = dst.moving = True
-                    asyncio.ensure_future(self._policy_move(stream.request.request_id, src, dst))
+                    asyncio.ensure_future(self._policy_move(move.request_id, src, dst))
 
     async def _policy_move(self, request_id: str, src: _Instance, dst: _Instance) -> None:
         try:

@@ -27,6 +27,15 @@ class DispatchRequest:
 
 
 @dataclass(frozen=True)
+class RequestView:
+    """A request in flight on an instance that a migration policy may move."""
+
+    request_id: str
+    num_tokens: int  # prompt + tokens streamed so far: about the KV a move copies
+    started: bool  # it has streamed a token (so it runs, or was preempted after running)
+
+
+@dataclass(frozen=True)
 class InstanceView:
     """A candidate instance as the router sees it now."""
 
@@ -35,10 +44,19 @@ class InstanceView:
     unreported_requests: int = 0
     # its requests in flight through the router, by priority: priority -> how many
     in_flight_by_priority: Mapping[int, int] = field(default_factory=dict)
+    movable: tuple[RequestView, ...] = ()  # its requests not already moving, finished or aborted
 
     @property
     def instance_id(self) -> str:
         return self.load.instance_id
+
+    def blocks(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / max(1, self.load.block_size))
+
+    @property
+    def room(self) -> int:
+        """Free device blocks not already spoken for by its queue or by requests dispatched since its report."""
+        return self.load.num_free_blocks - self.blocks(self.load.num_queued_tokens + self.unreported_tokens)
 
 
 class DispatchPolicy(ABC):

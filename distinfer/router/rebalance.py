@@ -1,19 +1,20 @@
 """Migration triggers: which requests the router moves on its own, between two load reports. Small classes
 in a name -> class registry (`make_migration_policy("balance")`), like the dispatch policies. A policy sees
-every open instance of one pool (instances that take the same kind of work) through the dispatch policy's
-`virtual_usage` and returns moves; the router picks which request of the source moves (the one with the
-least KV to copy) and runs at most one migration per instance at a time.
+every open instance of one pool (instances that take the same kind of work) through `InstanceView`s (the
+latest load report, the dispatch policy's `virtual_usage`, and the requests in flight there) and returns
+moves, each naming the request to move; the router runs at most one policy move per instance at a time.
 
 - "none": only drain, the prefill/decode hand-off and explicit migrate() calls move requests.
-- "balance": from the instance with the highest virtual usage to the one with the lowest, one request per
-  check, while the gap is at least `gap` (Llumnix's load balancing).
-- "defrag": an instance whose queued requests do not fit its free blocks moves one running request to an
-  instance with room, so the queued ones can start (Llumnix's de-fragmentation).
+- "balance": from the instance with the highest virtual usage to the one with the lowest, while the gap is
+  at least `gap`: the largest request whose move leaves the source at least as loaded as the destination,
+  so no request bounces back and forth (Llumnix's load balancing).
+- "defrag": an instance whose first waiting request cannot get its blocks (FCFS: everything behind it waits
+  too) either hands that request to an instance where it starts now (no KV to copy), or moves out the
+  smallest running request whose blocks make room for it (Llumnix's de-fragmentation).
 Drain is not a trigger here: drain_instance moves every request of the instance at once.
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ def check_migration_transport(name: str) -> None:
 class Move:
     source: str
     destination: str
+    request_id: str
 
 
 class MigrationPolicy(ABC):
@@ -68,9 +70,16 @@ class BalancePolicy(MigrationPolicy):
             return []
         ranked = sorted(views, key=self.usage)
         low, high = ranked[0], ranked[-1]
-        if self.usage(high) - self.usage(low) < self.gap or high.load.num_running + high.load.num_waiting < 2:
+        gap = self.usage(high) - self.usage(low)
+        if gap < self.gap:
             return []
-        return [Move(high.instance_id, low.instance_id)]
+        # moving b blocks changes the gap by b/total_high + b/total_low: at most the whole gap (no bounce)
+        limit = gap / (1 / max(1, high.load.num_total_blocks) + 1 / max(1, low.load.num_total_blocks))
+        fitting = [r for r in high.movable if high.blocks(r.num_tokens) <= min(limit, low.room)]
+        if not fitting:
+            return []
+        request = max(fitting, key=lambda r: r.num_tokens)
+        return [Move(high.instance_id, low.instance_id, request.request_id)]
 
 
 class DefragPolicy(MigrationPolicy):
@@ -80,17 +89,31 @@ class DefragPolicy(MigrationPolicy):
         moves: list[Move] = []
         busy: set[str] = set()
         for view in sorted(views, key=self.usage, reverse=True):
-            load = view.load
-            needed = math.ceil(load.num_queued_tokens / max(1, load.block_size))
-            if view.instance_id in busy or not load.num_waiting or needed <= load.num_free_blocks or not load.num_running:
+            if view.instance_id in busy or not view.load.head_is_blocked:
                 continue
-            roomy = [v for v in views if v.instance_id not in busy and v.instance_id != view.instance_id
-                     and v.load.num_free_blocks >= needed and not v.load.num_waiting]
-            if roomy:
-                target = max(roomy, key=lambda v: v.load.num_free_blocks)
-                moves.append(Move(view.instance_id, target.instance_id))
-                busy.update((view.instance_id, target.instance_id))
+            others = [v for v in views if v.instance_id not in busy and v.instance_id != view.instance_id
+                      and not v.load.num_waiting]
+            move = self._unblock(view, others)
+            if move is not None:
+                moves.append(move)
+                busy.update((move.source, move.destination))
         return moves
+
+    @staticmethod
+    def _unblock(blocked: InstanceView, others: list[InstanceView]) -> Move | None:
+        need = blocked.load.head_waiting_blocks
+        head = next((r for r in blocked.movable if r.request_id == blocked.load.head_waiting_id), None)
+        roomy = [v for v in others if v.room >= need]
+        if head is not None and roomy:  # the blocked request itself, where it starts at once
+            return Move(blocked.instance_id, max(roomy, key=lambda v: v.room).instance_id, head.request_id)
+        short = need - blocked.load.num_free_blocks
+        running = sorted((r for r in blocked.movable if r.started and r is not head), key=lambda r: r.num_tokens)
+        for request in running:
+            blocks = blocked.blocks(request.num_tokens)
+            roomy = [v for v in others if v.room > blocks]  # > : room for it to grow a little
+            if blocks >= short and roomy:
+                return Move(blocked.instance_id, max(roomy, key=lambda v: v.room).instance_id, request.request_id)
+        return None
 
 
 _REGISTRY: dict[str, type[MigrationPolicy]] = {cls.name: cls for cls in (NoMigration, BalancePolicy, DefragPolicy)}

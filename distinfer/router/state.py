@@ -9,7 +9,7 @@ from typing import Any
 from distinfer.engine.output_processor import RequestOutputKind
 from distinfer.messages import EngineRequest, EngineStats, RequestOutput
 from distinfer.router.instance import InstanceInfo
-from distinfer.router.policies import InstanceView
+from distinfer.router.policies import InstanceView, RequestView
 from distinfer.router.stats import InstanceLoad
 
 
@@ -112,4 +112,8 @@ class _Instance:
 
     def view(self) -> InstanceView:
         assert self.load is not None
-        return InstanceView(self.load, sum(n for _, n in self.unreported), len(self.unreported), dict(self.priorities))
+        movable = tuple(RequestView(s.request.request_id, len(s.request.prompt_token_ids) + s.num_delivered_tokens,
+                                    s.num_delivered_tokens > 0)
+                        for s in self.streams.values() if not (s.migrating or s.finished or s.aborted))
+        return InstanceView(self.load, sum(n for _, n in self.unreported), len(self.unreported), dict(self.priorities),
+                            movable)

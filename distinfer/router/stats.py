@@ -28,15 +28,23 @@ class InstanceLoad:
     block_size: int
     reported_at: float
     draining: bool = False  # the instance refuses new requests
+    head_waiting_id: str | None = None  # the first request of its waiting queue (None: nothing waits)
+    head_waiting_blocks: int = 0  # device blocks that request's tokens need
     stats: EngineStats | None = field(default=None, compare=False, repr=False)  # the whole report (for sums)
 
     @classmethod
     def from_stats(cls, instance_id: str, stats: EngineStats, block_size: int, draining: bool = False,
-                   reported_at: float | None = None) -> "InstanceLoad":
+                   reported_at: float | None = None, head_of_queue: tuple[str, int] | None = None) -> "InstanceLoad":
+        head_id, head_blocks = head_of_queue or (None, 0)
         return cls(instance_id, stats.num_free_blocks, stats.num_total_blocks, stats.num_free_host_blocks,
                    stats.num_host_blocks, stats.num_running, stats.num_waiting, stats.num_queued_tokens,
                    stats.num_preemptions, block_size, time.time() if reported_at is None else reported_at,
-                   draining, stats)
+                   draining, head_id, head_blocks, stats)
+
+    @property
+    def head_is_blocked(self) -> bool:
+        """The first waiting request cannot get its blocks here now (FCFS: every request behind it waits too)."""
+        return self.head_waiting_blocks > self.num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:

@@ -16,6 +16,7 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=4321, max_tokens=60, l
                         stop=["zzzz"])  # a stop string: text that could start it is held back while streaming
 PROMPT = {"prompt_token_ids": list(range(300, 340))}
 STOP_AND_COPY = MigrationConfig(max_stages=0)
+ONE_BLOCK_CHUNKS = MigrationConfig(chunk_blocks=1)  # each pre-copy stage in chunks of one block
 # Long enough that it cannot finish while a move runs, even on a loaded machine (a move then ends ABORTED_SRC)
 LONG = SEEDED.clone(max_tokens=200)
 
@@ -74,18 +75,21 @@ def test_moving_at_any_point_leaves_the_stream_unchanged(engine):
     async def run() -> None:
         expected = received([out async for out in engine.generate(PROMPT, LONG.clone(), "long-reference")])
         assert len(expected[0]) == 200 and expected[3]
-        for move_after, config in [(1, None), (8, None), (30, None), (1, STOP_AND_COPY), (30, STOP_AND_COPY)]:
-            outputs, result = await stream_with_move(engine, f"m{move_after}-{config is None}", move_after, config,
+        for move_after, config in [(1, None), (8, None), (30, None), (1, STOP_AND_COPY), (30, STOP_AND_COPY),
+                                   (30, ONE_BLOCK_CHUNKS)]:
+            outputs, result = await stream_with_move(engine, f"m{move_after}-{id(config)}", move_after, config,
                                                      params=LONG)
             assert result.status == MigrationStatus.FINISHED, result
             assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
             assert result.source != result.destination and len(result.stage_blocks) >= 1
             if config is STOP_AND_COPY:
                 assert len(result.stage_blocks) == 1 and result.stage_blocks[0] > 0  # everything in the last stage
+            if config is ONE_BLOCK_CHUNKS:  # the first stage took the 4 full blocks of 70 tokens one by one
+                assert result.stage_blocks[0] >= 4, result
     asyncio.run(run())
     wait_idle(engine)
     stats = ray.get(engine.router.state.remote()).stats  # the instances count their moves (/metrics shows them)
-    assert stats.num_migrated_in == stats.num_migrated_out == 5
+    assert stats.num_migrated_in == stats.num_migrated_out == 6
 
 
 def test_the_p2p_transport_moves_the_same_bytes(engine):
@@ -96,13 +100,17 @@ def test_the_p2p_transport_moves_the_same_bytes(engine):
 
     async def run() -> None:
         expected = received([out async for out in engine.generate(PROMPT, long.clone(), "p2p-reference")])
-        for move_after, config in [(1, p2p), (20, p2p), (10, p2p_stop_and_copy), (40, p2p)]:
+        for move_after, config in [(1, p2p), (20, p2p), (10, p2p_stop_and_copy),
+                                   (40, MigrationConfig(transport="p2p", chunk_blocks=1))]:
             outputs, result = await stream_with_move(engine, f"p2p-{move_after}-{config.max_stages}", move_after,
                                                      config, params=long)
             assert result.status == MigrationStatus.FINISHED and result.transport == "p2p", result
             assert received(outputs) == expected, f"moved after {move_after} outputs ({result})"
         with pytest.raises(ValueError, match="transport"):
             MigrationConfig(transport="carrier-pigeon")
+        for bad in (dict(chunk_blocks=0), dict(max_stages=-1), dict(threshold_blocks=True)):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                MigrationConfig(**bad)
     asyncio.run(run())
     wait_idle(engine)
 

@@ -235,3 +235,27 @@ def test_a_reservation_never_committed_is_freed_after_its_timeout(tiny_pair):
             dst.mover.import_blocks("ghost", 0, [])
     finally:
         dst.mover.timeout_s = 30.0
+
+
+def test_a_waiting_request_moves_without_starting_on_the_source(tiny_pair):
+    """A request that has not started yet (what the router's defragmentation moves first) is paused while its
+    snapshot travels: the source neither admits nor counts it meanwhile, and it runs on the destination."""
+    from distinfer.engine.request import RequestStatus
+
+    src, dst = tiny_pair
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = list(range(3000, 3020))
+    expected = _stream(run(src, dst, prompt, params, None, "waiting-ref"))
+    src.add_request("w", {"prompt_token_ids": prompt}, params.clone(), output_kind=RequestOutputKind.DELTA)
+    assert src.scheduler.head_of_queue() == ("w", 3)  # 20 tokens in blocks of 8
+    snapshot, kv = src.mover.pause("w")
+    assert kv == [] and snapshot.num_computed_tokens == 0
+    assert src.scheduler.head_of_queue() is None and not src.has_unfinished_requests()
+    assert src.step() == [] and src.scheduler.requests["w"].status == RequestStatus.WAITING
+    src.mover.release("w")
+    assert dst.mover.commit(snapshot, kv)
+    outputs: list[RequestOutput] = []
+    _drive(dst, outputs)
+    assert _stream(outputs) == expected
+    for engine in tiny_pair:
+        assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks

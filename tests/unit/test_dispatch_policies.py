@@ -19,13 +19,14 @@ REQUEST = DispatchRequest(num_prompt_tokens=16)
 
 
 def load(instance_id: str, free: int = 100, total: int = 100, queued: int = 0, running: int = 0, waiting: int = 0,
-         draining: bool = False) -> InstanceLoad:
+         draining: bool = False, head: tuple[str, int] | None = None) -> InstanceLoad:
+    head_id, head_blocks = head or (None, 0)
     return InstanceLoad(instance_id, free, total, 0, 0, running, waiting, queued, 0, block_size=16,
-                        reported_at=0.0, draining=draining)
+                        reported_at=0.0, draining=draining, head_waiting_id=head_id, head_waiting_blocks=head_blocks)
 
 
 def view(instance_id: str, **kwargs) -> InstanceView:
-    names = ("unreported_tokens", "unreported_requests", "in_flight_by_priority")
+    names = ("unreported_tokens", "unreported_requests", "in_flight_by_priority", "movable")
     extra = {k: kwargs.pop(k) for k in names if k in kwargs}
     return InstanceView(load(instance_id, **kwargs), **extra)
 

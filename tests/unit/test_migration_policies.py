@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distinfer.router.rebalance import BalancePolicy, DefragPolicy, Move, make_migration_policy, migration_policy_names
+from distinfer.router.policies import InstanceView, RequestView
 from tests.unit.test_dispatch_policies import view
 
 
@@ -17,25 +18,50 @@ def test_registry():
         BalancePolicy(gap=0)
 
 
-def test_balance_moves_from_the_most_to_the_least_loaded_when_the_gap_is_large():
+def requests(*sizes: int, started: bool = True, prefix: str = "r") -> tuple[RequestView, ...]:
+    """Requests of these many tokens each (ids r0, r1, ...)."""
+    return tuple(RequestView(f"{prefix}{i}", n, started) for i, n in enumerate(sizes))
+
+
+def test_balance_moves_the_largest_request_that_does_not_reverse_the_gap():
     policy = BalancePolicy(gap=0.3)
-    views = [view("a", free=40, running=3), view("b", free=90, running=1), view("c", free=10, running=4)]
-    assert policy.plan(views) == [Move("c", "b")]  # usage 0.9 vs 0.1
-    assert policy.plan([view("a", free=60, running=3), view("b", free=80, running=2)]) == []  # gap 0.2
-    assert policy.plan([view("a", free=0, running=1), view("b")]) == []  # one request: moving it gains nothing
+    # c: 90 of 100 blocks used, b: 10; the gap (0.8) allows moving up to 40 blocks (640 tokens)
+    views = [view("a", free=40, movable=requests(320, 320, 320)), view("b", free=90, movable=requests(160)),
+             view("c", free=10, movable=requests(160, 600, 800, 480))]
+    assert policy.plan(views) == [Move("c", "b", "r1")]  # 600 tokens = 38 blocks; r2 (50 blocks) would bounce
+    assert policy.plan([view("a", free=60, movable=requests(320, 320)), view("b", free=80, movable=requests(160))]) \
+        == []  # gap 0.2
+    # one request bigger than the gap allows: moving it would only move the imbalance, so nothing moves
+    assert policy.plan([view("a", free=0, movable=requests(1600)), view("b")]) == []
     # queued demand counts: 60 blocks of queued tokens make "a" (0.65) the loaded one, not "b" (0.1)
-    assert policy.plan([view("a", free=95, running=1, waiting=2, queued=960), view("b", free=90, running=2)]) == \
-        [Move("a", "b")]
+    queued = requests(320, 320, 320, started=False, prefix="q")  # 20 blocks each: one may move (gap 0.55)
+    assert policy.plan([view("a", free=95, waiting=3, queued=960, movable=queued),
+                        view("b", free=90, movable=requests(80))]) == [Move("a", "b", "q0")]
     assert policy.plan([view("a")]) == []
 
 
-def test_defrag_frees_room_for_a_queued_request_that_does_not_fit():
+def blocked(free: int = 5, head_blocks: int = 20, **kwargs) -> InstanceView:
+    """Instance "a": its first waiting request (q0, 320 tokens) needs `head_blocks`, it has `free`."""
+    running = kwargs.pop("running_sizes", (64, 400, 900))
+    return view("a", free=free, running=len(running), waiting=1, queued=320, head=("q0", head_blocks),
+                movable=requests(*running) + requests(320, started=False, prefix="q"), **kwargs)
+
+
+def test_defrag_hands_the_blocked_request_to_an_instance_where_it_starts_at_once():
     policy = DefragPolicy()
-    stuck = view("a", free=5, running=3, waiting=1, queued=320)  # needs 20 blocks, has 5
-    assert policy.plan([stuck, view("b", free=50, running=1)]) == [Move("a", "b")]
-    assert policy.plan([stuck, view("b", free=10, running=1)]) == []  # no instance has room
-    assert policy.plan([view("a", free=30, running=3, waiting=1, queued=320), view("b", free=50)]) == []  # it fits
-    assert policy.plan([stuck, view("b", free=50, waiting=1, queued=16)]) == []  # b has its own queue
+    assert policy.plan([blocked(), view("b", free=50, running=1)]) == [Move("a", "b", "q0")]
+    assert policy.plan([blocked(free=30), view("b", free=50)]) == []  # it fits where it is
+    assert policy.plan([blocked(), view("b", free=50, waiting=1, queued=16)]) == []  # b has its own queue
+
+
+def test_defrag_moves_out_the_smallest_running_request_that_makes_room():
+    policy = DefragPolicy()
+    # b has room for 15 blocks: not for q0 (20); a is 15 short: r1 (400 tokens, 25 blocks) would make room but
+    # does not fit b, and r0 (4 blocks) is too small
+    assert policy.plan([blocked(), view("b", free=15, running=1)]) == []
+    # q0 needs 28 (b has 27): r1 makes room (a is 23 short) and fits b
+    assert policy.plan([blocked(head_blocks=28), view("b", free=27)]) == [Move("a", "b", "r1")]
+    assert policy.plan([blocked(head_blocks=8), view("b", free=6)]) == [Move("a", "b", "r0")]  # 3 short: r0 frees 4
 
 
 def test_router_options_at_the_edge():
