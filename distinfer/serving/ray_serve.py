@@ -14,7 +14,10 @@
   the engine exists) through Serve's HTTP proxy;
 - answers distinfer.v1.InferenceService through Serve's gRPC proxy (`grpc_options` in the YAML):
   the proxy calls the deployment's methods by RPC name, which delegate to the gRPC servicer
-  (DrainInstance included: it drains an instance of the replica the proxy routed the call to).
+  (DrainInstance included: it drains an instance of the replica the proxy routed the call to), and
+  grpc.health.v1 `Check` when the YAML lists the Health servicer function;
+- exports its metrics through Ray's metrics agent (distinfer/serving/ray_metrics.py), so a scrape of
+  every node's metrics port sees every replica.
 
 Replicas scale with `autoscaling_config` (ongoing requests per replica); each is a full model copy.
 """
@@ -31,13 +34,16 @@ from ray.serve import Application
 
 from distinfer.serving.auth import api_key_problem, resolve_api_key
 from distinfer.serving.grpc_auth import authorization_value
+from distinfer.serving.grpc_health_check import NOT_SERVING, SERVING
 from distinfer.serving.metrics import EngineMetrics
 from distinfer.serving.openai_http import build_app
+from distinfer.serving.ray_metrics import RayMetricsBridge
 from distinfer.serving.server import DEFAULT_MODEL_NAME, check_instances, make_engine
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "DistInfer"
+INFERENCE_SERVICE_NAME = "distinfer.v1.InferenceService"
 
 
 class ServeAppArgs(BaseModel):
@@ -61,11 +67,16 @@ class ServeAppArgs(BaseModel):
     decode_instances: int = Field(0, ge=0)
     migration_policy: str | None = None
     migration_transport: Literal["object_store", "p2p"] = "object_store"
+    # Ray's accelerator type (e.g. "A100", "H100"): the GPUs of a replica are placed only on nodes with it
+    accelerator_type: str | None = None
 
     @model_validator(mode="after")
     def _check_instances(self) -> "ServeAppArgs":
         self.num_instances = check_instances(self.num_instances, self.dispatch_policy, self.prefill_instances,
                                              self.decode_instances, self.migration_policy)
+        if self.accelerator_type is not None and (self.device == "cpu" or self.num_instances > 1):
+            raise ValueError("accelerator_type places a replica's GPUs: it needs device cuda (or auto) and one "
+                             "instance per replica (several instances reserve their own resources)")
         return self
 
     @property
@@ -111,13 +122,28 @@ def placement_bundles(args: ServeAppArgs) -> list[dict[str, float]] | None:
     if args.world_size == 1 or args.num_instances > 1:
         return None
     worker = {"CPU": 1.0, "GPU": 1.0} if resolve_serve_device(args.device) == "cuda" else {"CPU": 1.0}
+    if "GPU" in worker and args.accelerator_type:
+        worker[accelerator_resource(args.accelerator_type)] = 0.001  # as Ray's own accelerator_type option
     return [{"CPU": 1.0}] + [dict(worker) for _ in range(args.world_size)]
 
 
-def replica_actor_options(args: ServeAppArgs) -> dict[str, float]:
-    """The replica actor's own resources: a GPU when it hosts the model itself (world size 1 on CUDA)."""
+def accelerator_resource(accelerator_type: str) -> str:
+    """The custom resource Ray gives each node with that accelerator."""
+    from ray._common.utils import RESOURCE_CONSTRAINT_PREFIX
+
+    return f"{RESOURCE_CONSTRAINT_PREFIX}{accelerator_type}"
+
+
+def replica_actor_options(args: ServeAppArgs) -> dict[str, Any]:
+    """The replica actor's own resources: a GPU when it hosts the model itself (world size 1 on CUDA),
+    then on `accelerator_type` when given."""
     gpu = args.world_size == 1 and args.num_instances == 1 and resolve_serve_device(args.device) == "cuda"
-    return {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
+    if not gpu:
+        return {"num_cpus": 1}
+    options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1}
+    if args.accelerator_type:
+        options["accelerator_type"] = args.accelerator_type
+    return options
 
 
 class _ServeGrpcContext:
@@ -173,6 +199,8 @@ class DistInferDeployment:
         self.api_key = resolve_api_key(a.api_key)  # or $DISTINFER_API_KEY / $DISTINFER_API_KEY_FILE
         self.engine = await asyncio.to_thread(make_engine, a.model, kwargs, **a.router_kwargs)
         self.metrics = EngineMetrics.attach(self.engine, a.model_name)
+        # /metrics through the proxy reaches one replica: every replica also exports through Ray's metrics
+        self._ray_metrics = RayMetricsBridge(self.metrics.registry).start()
         self._grpc = self._grpc_servicer()
         logger.info("replica ready: %s (tp=%d, pp=%d, %d instance(s))", a.model_name, a.tensor_parallel_size,
                     a.pipeline_parallel_size, a.num_instances)
@@ -193,6 +221,9 @@ class DistInferDeployment:
             raise RuntimeError(str(self.engine.dead_error))
 
     def __del__(self) -> None:
+        bridge = getattr(self, "_ray_metrics", None)
+        if bridge is not None:
+            bridge.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -213,6 +244,19 @@ class DistInferDeployment:
         context = _ServeGrpcContext(grpc_context)
         await self._check_access(context)
         return await getattr(self._grpc, method)(request, context)
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1.Health/Check through Serve's gRPC proxy (its servicer function is in grpc_options):
+        SERVING while this replica's engine is alive and not draining. No API key, as in `distinfer serve`."""
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in ("", INFERENCE_SERVICE_NAME):
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        serving = not self.engine.is_dead and not getattr(self.engine, "is_draining", False)
+        return health_pb2.HealthCheckResponse(status=SERVING if serving else NOT_SERVING)
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
         context = _ServeGrpcContext(grpc_context)

@@ -95,6 +95,12 @@ def test_serve_app_answers_http_and_grpc():
                                                max_tokens=6, temperature=0)
         assert reply.choices[0].message.content and reply.usage.completion_tokens <= 6
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            # grpc.health.v1 through Serve's gRPC proxy (the Health servicer function in the YAML)
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="distinfer.v1.InferenceService"), timeout=60)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.InferenceServiceStub(channel)
             request = pb.GenerateRequest(text="The capital of France is",
                                          sampling_params=pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
