@@ -190,3 +190,5 @@ class DistInferConfig:
         if device.startswith("cuda:") and self.parallel.world_size > 1:
             raise ValueError(f"device {device!r}: with more than one rank each rank uses the GPU Ray gives its "
                              "bundle; pass device='cuda'")
+        if self.parallel.sequence_parallel_size > 1 and self.cache.kv_offloading_size > 0:
+            raise ValueError("kv_offloading_size (the KV host tier) is not supported with sequence_parallel_size > 1")

@@ -57,6 +57,7 @@ def _single(name: str) -> GroupCoordinator:
 _TP: GroupCoordinator = _single("tp")
 _PP: GroupCoordinator = _single("pp")
 _SP: GroupCoordinator = _single("sp")
+_SP_RING: GroupCoordinator = _single("sp_ring")  # the same ranks as _SP: ring attention's send/recv only
 _PP_LAYER_PARTITION: tuple[int, ...] | None = None  # layers per stage; None: even split
 _INITIALIZED = False
 
@@ -108,14 +109,14 @@ def initialize_model_parallel(
     pp_layer_partition: tuple[int, ...] | None = None,
 ) -> None:
     """Build the TP/PP/SP groups over the already initialized default group."""
-    global _TP, _PP, _SP, _INITIALIZED, _PP_LAYER_PARTITION
+    global _TP, _PP, _SP, _SP_RING, _INITIALIZED, _PP_LAYER_PARTITION
     _PP_LAYER_PARTITION = tuple(pp_layer_partition) if pp_layer_partition else None
     tp, pp, sp = tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel_size
     total = tp * pp * sp
     if not dist.is_initialized():
         if total != 1:
             raise RuntimeError(f"tp*pp*sp = {total} > 1 needs torch.distributed to be initialized first")
-        _TP, _PP, _SP = _single("tp"), _single("pp"), _single("sp")
+        _TP, _PP, _SP, _SP_RING = _single("tp"), _single("pp"), _single("sp"), _single("sp_ring")
         _INITIALIZED = True
         return
     if dist.get_world_size() != total:
@@ -126,7 +127,9 @@ def initialize_model_parallel(
         return (p * sp + s) * tp + t
 
     _TP = _make_groups("tp", [[rank(p, s, t) for t in range(tp)] for p in range(pp) for s in range(sp)], backend)
-    _SP = _make_groups("sp", [[rank(p, s, t) for s in range(sp)] for p in range(pp) for t in range(tp)], backend)
+    sp_groups = [[rank(p, s, t) for s in range(sp)] for p in range(pp) for t in range(tp)]
+    _SP = _make_groups("sp", sp_groups, backend)
+    _SP_RING = _make_groups("sp_ring", sp_groups, backend)  # p2p in flight never interleaves with _SP's collectives
     _PP = _make_groups("pp", [[rank(p, s, t) for p in range(pp)] for s in range(sp) for t in range(tp)], backend)
     _INITIALIZED = True
     logger.info("model parallel: rank %d -> tp %d/%d, pp %d/%d, sp %d/%d", dist.get_rank(),
@@ -139,12 +142,12 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the groups (back to the single-process world); the default group stays up."""
-    global _TP, _PP, _SP, _INITIALIZED, _PP_LAYER_PARTITION
+    global _TP, _PP, _SP, _SP_RING, _INITIALIZED, _PP_LAYER_PARTITION
     _PP_LAYER_PARTITION = None
-    for coord in (_TP, _PP, _SP):
+    for coord in (_TP, _PP, _SP, _SP_RING):
         if coord.group is not None:
             dist.destroy_process_group(coord.group)
-    _TP, _PP, _SP = _single("tp"), _single("pp"), _single("sp")
+    _TP, _PP, _SP, _SP_RING = _single("tp"), _single("pp"), _single("sp"), _single("sp_ring")
     _INITIALIZED = False
 
 
@@ -187,3 +190,7 @@ def get_sp_rank() -> int:
 
 def get_sp_world_size() -> int:
     return _SP.world_size
+
+
+def get_sp_ring_group() -> GroupCoordinator:
+    return _SP_RING

@@ -77,7 +77,8 @@ class LLMEngine:
             num_host_blocks = self._init_host_tier()
             block_bytes = sum(self.executor.collective_rpc("kv_cache_bytes_per_block"))
             self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
-                                       self.executor.max_concurrent_batches, num_host_blocks, block_bytes)
+                                       self.executor.max_concurrent_batches, num_host_blocks, block_bytes,
+                                       config.parallel.sequence_parallel_size)
         except BaseException:  # e.g. a KV budget too small for max_model_len: release the workers
             self.executor.shutdown()
             raise

@@ -67,7 +67,9 @@ class _StepState:
 class Scheduler(SchedulerMoves):
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1,
-                 num_host_blocks: int = 0, kv_block_bytes: int = 0) -> None:
+                 num_host_blocks: int = 0, kv_block_bytes: int = 0, sequence_parallel_size: int = 1) -> None:
+        """`num_blocks` per rank; under sequence parallelism the pool holds every SP rank's, one partition each
+        (kv/manager.py: a request's blocks go round the ranks)."""
         self.config = scheduler_config
         # Pipeline parallel keeps this many steps in flight; each then takes its share of the running
         # requests, so that in steady decoding every stage has a batch instead of one batch and idle stages.
@@ -75,8 +77,9 @@ class Scheduler(SchedulerMoves):
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
         self.policy = make_policy(scheduler_config.policy)
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size,
-                                 cache_config.enable_prefix_caching, max_model_len, num_host_blocks)
+        self.kv = KVCacheManager(num_blocks * sequence_parallel_size, cache_config.block_size,
+                                 cache_config.enable_prefix_caching, max_model_len, num_host_blocks,
+                                 num_partitions=sequence_parallel_size)
         self.preemption = make_preemption_policy(scheduler_config.preemption_mode, self.kv.host is not None)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: list[Request] = []  # WAITING and PREEMPTED, in policy order

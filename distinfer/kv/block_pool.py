@@ -6,6 +6,9 @@ Invariants:
 - The prefix-cache map only points at blocks whose `block_hash` is that key.
 - Freed blocks go to the tail, allocation takes from the head: least recently freed cached
   blocks are evicted first (LRU).
+- Partitions (sequence parallelism: one per SP rank, each rank's own cache): block ids
+  [p * size, (p + 1) * size) are partition p's; each has its own free queue, and a block is only
+  ever allocated from the partition the caller names.
 """
 from __future__ import annotations
 
@@ -51,20 +54,33 @@ class KVBlock:
 class BlockPool:
     """All KV blocks of one instance. Deals in blocks only; KVCacheManager maps requests to them."""
 
-    def __init__(self, num_blocks: int, on_evict: Callable[[int, BlockHash], None] | None = None) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, BlockHash], None] | None = None,
+                 num_partitions: int = 1) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if num_partitions < 1 or num_blocks % num_partitions:
+            raise ValueError(f"{num_blocks} blocks do not split into {num_partitions} equal partitions")
         self.num_blocks = num_blocks
+        self.num_partitions = num_partitions
+        self.partition_size = num_blocks // num_partitions
         self.on_evict = on_evict  # (block id, hash) of a cached block about to be reused, while it still holds it
         self.blocks = [KVBlock(block_id) for block_id in range(num_blocks)]
-        # block_id -> block, head first; O(1) removal from the middle when a cached block is hit.
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # per partition: block_id -> block, head first; O(1) removal from the middle when a cached block is hit.
+        self._free: list[OrderedDict[int, KVBlock]] = [
+            OrderedDict((b.block_id, b) for b in self.blocks[p * self.partition_size:(p + 1) * self.partition_size])
+            for p in range(num_partitions)]
         self._cached: dict[BlockHash, KVBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks allocatable now: never used plus evictable cached blocks."""
-        return len(self._free)
+        return sum(len(free) for free in self._free)
+
+    def num_free_in(self, partition: int) -> int:
+        return len(self._free[partition])
+
+    def partition_of(self, block_id: int) -> int:
+        return block_id // self.partition_size
 
     @property
     def num_cached_blocks(self) -> int:
@@ -77,13 +93,21 @@ class BlockPool:
     def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
         return self._cached.get(block_hash)
 
-    def allocate(self, num_blocks: int) -> list[KVBlock]:
-        """Take `num_blocks` from the head of the free queue (evicting their hashes), ref 1 each."""
-        if num_blocks > len(self._free):
-            raise ValueError(f"cannot allocate {num_blocks} blocks: only {len(self._free)} free")
+    def allocate(self, num_blocks: int, partitions: Sequence[int] | None = None) -> list[KVBlock]:
+        """Take `num_blocks` from the head of the free queue (evicting their hashes), ref 1 each; block i from
+        partition partitions[i] (needed when there are several)."""
+        if partitions is None:
+            if self.num_partitions > 1:
+                raise ValueError("a partitioned pool allocates from named partitions")
+            partitions = [0] * num_blocks
+        for partition in set(partitions):
+            wanted = partitions.count(partition)
+            if wanted > len(self._free[partition]):
+                raise ValueError(f"cannot allocate {wanted} blocks in partition {partition}: only "
+                                 f"{len(self._free[partition])} free")
         taken: list[KVBlock] = []
-        for _ in range(num_blocks):
-            _, block = self._free.popitem(last=False)
+        for partition in partitions:
+            _, block = self._free[partition].popitem(last=False)
             if block.block_hash is not None and self.on_evict is not None:
                 self.on_evict(block.block_id, block.block_hash)
             self._evict_hash(block)
@@ -95,7 +119,7 @@ class BlockPool:
         """Add a reference to each block (prefix hit); a free cached block leaves the free queue."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                del self._free[self.partition_of(block.block_id)][block.block_id]
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[KVBlock], uncache: bool = False) -> None:
@@ -109,7 +133,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 if uncache:
                     self._evict_hash(block)
-                self._free[block.block_id] = block
+                self._free[self.partition_of(block.block_id)][block.block_id] = block
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
         """Register a full, computed block under `block_hash`. False (nothing changes) when the

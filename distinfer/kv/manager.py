@@ -5,6 +5,10 @@ Deals in request ids and token ids only (never engine Request objects). Invarian
 - Only full blocks whose every token is computed are hashed into the prefix cache.
 - A prefix hit never covers the whole sequence: at least one token is left to compute,
   so the model produces logits for the next token.
+- Sequence parallelism (`num_partitions` = sp > 1): the pool is cut into one partition per SP rank
+  (that rank's own cache) and a request's block i always comes from partition i % sp, so its KV is
+  spread block-cyclically over the ranks: the owner of every token follows from its position alone,
+  which keeps prefix-cache hits valid (a hash names a block index, hence a partition).
 """
 from __future__ import annotations
 
@@ -50,16 +54,21 @@ def _cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, num_partitions: int = 1) -> None:
+        """`num_blocks` in all: `num_partitions` (sp) ranks of num_blocks / sp each."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        needed = _cdiv(max_model_len, block_size)
-        if num_blocks < needed:
+        if num_partitions > 1 and num_host_blocks:
+            raise ValueError("the KV host tier (kv_offloading_size) is not supported with sequence parallelism")
+        per_rank, needed = num_blocks // num_partitions, _cdiv(_cdiv(max_model_len, block_size), num_partitions)
+        if per_rank < needed:
+            ranks = f" on each of {num_partitions} sequence-parallel ranks" if num_partitions > 1 else ""
             raise ValueError(
-                f"KV cache budget of {num_blocks} blocks ({num_blocks * block_size} tokens at "
+                f"KV cache budget of {per_rank} blocks{ranks} ({per_rank * block_size} tokens at "
                 f"block_size={block_size}) cannot hold one sequence of max_model_len={max_model_len} "
-                f"tokens, which needs {needed} blocks: raise num_kv_blocks (or kv_cache_bytes) to at "
-                f"least {needed} blocks, or lower max_model_len to at most {num_blocks * block_size}")
+                f"tokens, which needs {needed} blocks{' per rank' if ranks else ''}: raise num_kv_blocks (or "
+                f"kv_cache_bytes) to at least {needed} blocks, or lower max_model_len to at most "
+                f"{per_rank * num_partitions * block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.max_model_len = max_model_len
@@ -67,7 +76,7 @@ class KVCacheManager:
         # Block copies planned since the last take_ops(), in the order the workers must run them.
         self._ops: list[KVBlockCopy] = []
         spill = self._spill if self.host is not None and enable_prefix_caching else None
-        self.pool = BlockPool(num_blocks, on_evict=spill)
+        self.pool = BlockPool(num_blocks, on_evict=spill, num_partitions=num_partitions)
         self._req_blocks: dict[str, list[KVBlock]] = {}
         self._req_hashes: dict[str, list[BlockHash]] = {}  # hash chain of the request's full blocks
         self._req_num_cached: dict[str, int] = {}  # leading blocks already registered/hit
@@ -93,6 +102,25 @@ class KVCacheManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self._req_blocks.get(request_id, [])]
+
+    def _partitions(self, first_block: int, num_blocks: int) -> list[int] | None:
+        """Partitions of a request's blocks first_block.. (None: the pool is not partitioned)."""
+        num_partitions = self.pool.num_partitions
+        if num_partitions == 1:
+            return None
+        return [(first_block + i) % num_partitions for i in range(num_blocks)]
+
+    def _can_allocate(self, first_block: int, num_new: int, taking: Sequence[KVBlock] = ()) -> bool:
+        """Room for a request's blocks first_block..first_block+num_new-1, once the free blocks in `taking`
+        (prefix hits about to be touched) have left the free queues."""
+        partitions = self._partitions(first_block, num_new)
+        if partitions is None:
+            return num_new <= self.pool.num_free_blocks - sum(1 for block in taking if block.ref_cnt == 0)
+        for partition in set(partitions):
+            taken = sum(1 for b in taking if b.ref_cnt == 0 and self.pool.partition_of(b.block_id) == partition)
+            if partitions.count(partition) > self.pool.num_free_in(partition) - taken:
+                return False
+        return True
 
     # ------------------------------------------------------------------ updates
 
@@ -125,8 +153,8 @@ class KVCacheManager:
         tokens: the device hits shared, new blocks for the rest, the host blocks' copy-in planned. Returns the
         new block ids, or None (nothing changed, nothing planned) when too few blocks are free."""
         num_new = _cdiv(num_tokens, self.block_size) - len(prefix.device_blocks)
-        num_free = self.pool.num_free_blocks - sum(1 for block in prefix.device_blocks if block.ref_cnt == 0)
-        if num_new > num_free or num_tokens < prefix.num_tokens:
+        if num_tokens < prefix.num_tokens or not self._can_allocate(len(prefix.device_blocks), num_new,
+                                                                      prefix.device_blocks):
             return None
         self.pool.touch(prefix.device_blocks)  # before the allocation, which must not evict them
         if prefix.swapped:
@@ -147,7 +175,8 @@ class KVCacheManager:
         host_ids = self.host.reserve_hits(host_hashes) if host_hashes else []  # nothing below may reuse them
         if len(host_ids) != len(host_hashes):
             raise RuntimeError("the host tier changed between find_computed and admit")
-        new_blocks = self.pool.allocate(num_new)  # may spill evicted blocks: planned before the copy-in
+        first = len(prefix.device_blocks)  # may spill evicted blocks: planned before the copy-in
+        new_blocks = self.pool.allocate(num_new, self._partitions(first, num_new))
         for block, block_hash in zip(new_blocks, host_hashes):
             self.pool.cache_block(block, block_hash)
         if host_ids:
@@ -158,7 +187,8 @@ class KVCacheManager:
 
     def _admit_swapped(self, request_id: str, prefix: ComputedPrefix, num_new: int) -> list[KVBlock]:
         """New blocks; the first `num_host_blocks` get the request's swapped blocks not found on the device."""
-        new_blocks = self.pool.allocate(num_new)  # spills planned first: they cannot take the swapped host blocks
+        # spills planned first: they cannot take the swapped host blocks
+        new_blocks = self.pool.allocate(num_new, self._partitions(len(prefix.device_blocks), num_new))
         skip = len(prefix.device_blocks)
         self._plan(self.host.swap_in(request_id, [b.block_id for b in new_blocks[:prefix.num_host_blocks]], skip))
         for block, block_hash in zip(new_blocks, prefix.hashes[skip:]):  # swapped-in full blocks
@@ -172,9 +202,9 @@ class KVCacheManager:
         num_new = _cdiv(num_tokens, self.block_size) - len(blocks)
         if num_new <= 0:
             return []
-        if num_new > self.pool.num_free_blocks:
+        if not self._can_allocate(len(blocks), num_new):
             return None
-        new_blocks = self.pool.allocate(num_new)
+        new_blocks = self.pool.allocate(num_new, self._partitions(len(blocks), num_new))
         blocks.extend(new_blocks)
         return [block.block_id for block in new_blocks]
 

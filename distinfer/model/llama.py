@@ -12,9 +12,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from distinfer.distributed.parallel_state import get_pp_layer_partition, get_pp_rank, get_pp_world_size
+from distinfer.distributed.parallel_state import (get_pp_layer_partition, get_pp_rank, get_pp_world_size,
+                                                  get_sp_world_size)
 from distinfer.model.attention.paged import (AttentionMetadata, get_attention_backend, make_kv_cache,
                                             resolve_attention_backend)
+from distinfer.model.attention.ring import RingAttentionBackend
 from distinfer.model.layers.activation import GatedActivation
 from distinfer.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distinfer.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -75,13 +77,15 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         # "auto" resolves for the device the model is built on (the loader builds under torch.device(...))
         self.backend = get_attention_backend(resolve_attention_backend(backend, torch.get_default_device()))
+        if get_sp_world_size() > 1:  # sequence parallel: the ring module around this rank's backend
+            self.backend = RingAttentionBackend(self.backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t, d = qkv.shape[0], self.head_dim
         # rotate q and k in place, in one go: they are adjacent heads of the fused projection
-        RotaryEmbedding.forward(qkv[:, : self.qk_size].view(t, -1, d), cos, sin)
+        RotaryEmbedding.forward(qkv[:, : self.qk_size].view(t, self.num_heads + self.num_kv_heads, d), cos, sin)
         q = qkv[:, : self.q_size].view(t, self.num_heads, d)
         kv = qkv[:, self.q_size:].view(t, 2, self.num_kv_heads, d)  # K and V adjacent per token
         out = self.backend.forward(q, kv, kv_cache, md, self.scale)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from distinfer.config import DistInferConfig
-from distinfer.distributed.comm import pp_recv, pp_send, take_collective_seconds
-from distinfer.distributed.parallel_state import get_pp_group, get_tp_group, get_tp_rank
+from distinfer.distributed.comm import all_gather, pp_recv, pp_send, take_collective_seconds
+from distinfer.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group, get_tp_rank
 from distinfer.messages import KVBlockCopy, ModelRunnerOutput, SchedulerOutput
 from distinfer.model.attention.paged import AttentionMetadata, resolve_attention_backend
+from distinfer.model.attention.sp_plan import SPMetadata, build_sp_metadata
 from distinfer.model.loader import load_hf_config, load_model
 from distinfer.worker.cuda_graphs import DecodeGraphs, DecodeRows
 from distinfer.worker.gpu_memory import kv_cache_budget, profile_batch
@@ -45,9 +46,12 @@ class ModelRunner:
         self.batch = InputBatch()
         self.sampler = Sampler(seed=config.model.seed)
         self.timings = StepTimings()
-        pp = get_pp_group()
+        pp, self.sp = get_pp_group(), get_sp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.samples = self.is_last_stage and get_tp_rank() == 0  # the rank whose output is returned
+        # the rank whose output is returned: last stage, first TP rank, first SP rank (it samples every request
+        # of the step, from the last rows' hidden states all-gathered over the SP group)
+        self.samples = self.is_last_stage and get_tp_rank() == 0 and self.sp.is_first_rank
+        self.num_blocks = 0  # KV blocks of this rank (under SP, block ids of rank r start at r * num_blocks)
         self.max_model_len = config.model.max_model_len or self.hf_config.max_position_embeddings
         self.graphs: DecodeGraphs | None = None
 
@@ -84,6 +88,7 @@ class ModelRunner:
         del caches
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self.kv_caches = self.model.make_kv_caches(num_blocks, self.block_size, self.device)
         per_block = self.model.kv_cache_bytes_per_block(self.block_size)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
@@ -125,6 +130,8 @@ class ModelRunner:
             reasons.append("the attention backend is not triton")
         if self.config.parallel.pipeline_parallel_size > 1:
             reasons.append("pipeline parallel")
+        if self.sp.world_size > 1:
+            reasons.append("sequence parallel (ring attention)")
         tp = get_tp_group()
         if tp.world_size > 1 and torch.distributed.get_backend(tp.group) != "nccl":
             reasons.append("tensor-parallel collectives are not NCCL")
@@ -146,6 +153,7 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         inputs = self.batch.prepare(scheduler_output)
         graphed = self.graphs is not None and inputs.is_pure_decode and len(inputs.req_ids) <= self.graphs.max_rows
+        attn_metadata = None
         if not graphed:
             input_ids, positions, attn_metadata = self._to_tensors(inputs)
         t1 = time.perf_counter()
@@ -155,7 +163,7 @@ class ModelRunner:
         else:
             hidden = self._forward_stage(input_ids, positions, attn_metadata, self.kv_caches)
         t2 = time.perf_counter()
-        output = self._sample(inputs, hidden) if self.is_last_stage else self._empty_output(inputs)
+        output = self._sample(inputs, hidden, attn_metadata) if self.is_last_stage else self._empty_output(inputs)
         self.timings = StepTimings(t1 - t0, t2 - t1, time.perf_counter() - t2, take_collective_seconds())
         return output
 
@@ -181,16 +189,28 @@ class ModelRunner:
             return None
         return result
 
-    def _to_tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(inputs.positions, dtype=torch.long, device=self.device)
+    def _to_tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata | SPMetadata]:
+        """The step's token ids, positions and attention plan; under SP only the rows this rank computes."""
+        input_ids = torch.tensor(inputs.input_ids, dtype=torch.long)
+        positions = torch.tensor(inputs.positions, dtype=torch.long)
+        if self.sp.world_size > 1:
+            md = build_sp_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
+                                   self.sp.world_size, self.sp.rank_in_group, self.num_blocks, inputs.sample_rows,
+                                   self.device)
+            rows = md.local_rows.cpu()
+            return input_ids[rows].to(self.device), positions[rows].to(self.device), md
         attn_metadata = AttentionMetadata.build(
             inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size, self.device
         )
-        return input_ids, positions, attn_metadata
+        return input_ids.to(self.device), positions.to(self.device), attn_metadata
 
-    def _last_hidden(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
-        """The hidden state of each sampling row's last token (one index copy; none for a decode batch)."""
+    def _last_hidden(self, inputs: StepInputs, hidden: torch.Tensor, md: object) -> torch.Tensor:
+        """The hidden state of each sampling row's last token (one index copy; none for a decode batch). Under
+        SP each rank has its own rows': they are all-gathered over the SP group, in batch order."""
+        if isinstance(md, SPMetadata):
+            mine = hidden.new_zeros((md.max_samples, hidden.shape[1]))
+            mine[:len(md.sample_local)] = hidden.index_select(0, md.sample_local)
+            return all_gather(mine, self.sp, dim=0).index_select(0, md.sample_order)
         if inputs.is_pure_decode and len(inputs.sample_rows) == len(inputs.req_ids):
             return hidden
         ends = list(itertools.accumulate(inputs.query_lens))
@@ -201,12 +221,15 @@ class ModelRunner:
     def _empty_output(inputs: StepInputs) -> ModelRunnerOutput:
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=[[] for _ in inputs.req_ids])
 
-    def _sample(self, inputs: StepInputs, hidden: torch.Tensor) -> ModelRunnerOutput:
-        """Logits on every last-stage rank (the vocab all-gather is a collective); only the
-        output rank samples, since workers learn tokens from the scheduler, not from themselves."""
+    def _sample(self, inputs: StepInputs, hidden: torch.Tensor, md: object) -> ModelRunnerOutput:
+        """Logits on every last-stage rank of the first SP rank (the vocab all-gather is a TP collective); only
+        the output rank samples, since workers learn tokens from the scheduler, not from themselves."""
         if not inputs.sample_rows:
             return self._empty_output(inputs)
-        logits = self.model.compute_logits(self._last_hidden(inputs, hidden))
+        last = self._last_hidden(inputs, hidden, md)  # under SP a collective of every SP rank
+        if not self.sp.is_first_rank:
+            return self._empty_output(inputs)
+        logits = self.model.compute_logits(last)
         if not self.samples:
             return self._empty_output(inputs)
         rows = [self.batch.states[inputs.req_ids[i]].sampling_row() for i in inputs.sample_rows]

@@ -192,7 +192,10 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, batch: int, lengt
 
 
 class AttentionBackend(abc.ABC):
-    """Computes attention for a step's flattened tokens given the paged cache."""
+    """Computes attention for a step's flattened tokens given the paged cache. The two `*_with_lse` ops are
+    the pieces sequence parallelism (model/attention/ring.py) merges across ranks: each returns the output in
+    float32 and the log-sum-exp of the scaled scores per row and head (float32; -inf and a zero output for a
+    row with no key), so partial results over disjoint key sets merge exactly (`merge_partials`)."""
 
     name: str = ""
 
@@ -200,6 +203,18 @@ class AttentionBackend(abc.ABC):
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         """q [T, Hq, D] and kv [T, 2, Hkv, D] of this step's tokens -> [T, Hq, D]."""
+
+    def dense_with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [n, Hq, D] over contiguous k, v [m, Hkv, D] (Hq a multiple of Hkv); `causal` (n == m): row i sees
+        keys 0..i. -> (out [n, Hq, D] float32, lse [n, Hq] float32)."""
+        return dense_attention_lse(q, k, v, causal, scale)
+
+    def paged_with_lse(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i of q [B, Hq, D] over the first context_lens[i] (int64, may be 0) tokens of its blocks
+        block_tables[i] (int64 [B, W]), no mask -> (out [B, Hq, D] float32, lse [B, Hq] float32)."""
+        return paged_attention_lse(q, kv_cache, block_tables, context_lens, scale)
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -271,6 +286,54 @@ class TorchSDPABackend(AttentionBackend):
             mask = md.mask_as(p.mask, q.dtype)
             out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+
+def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionBackend.dense_with_lse in torch ops (float32 math; the CPU flash kernel where it exists)."""
+    n, hq, d = q.shape
+    if n == 0 or k.shape[0] == 0:
+        return q.new_zeros(n, hq, d, dtype=torch.float32), q.new_full((n, hq), float("-inf"), dtype=torch.float32)
+    group = hq // k.shape[1]
+    # the CPU flash kernel needs each head's elements contiguous (wrong results otherwise, torch 2.13)
+    qi, ki, vi = ((t.float() if t.stride(-1) == 1 else t.float().contiguous()).transpose(0, 1).unsqueeze(0)
+                  for t in (q, k, v))
+    if group > 1:
+        ki, vi = ki.repeat_interleave(group, dim=1), vi.repeat_interleave(group, dim=1)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qi, ki, vi, 0.0, causal, scale=scale)
+    else:
+        scores = (qi @ ki.transpose(-1, -2)) * scale
+        if causal:
+            scores.masked_fill_(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ vi
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def paged_attention_lse(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionBackend.paged_with_lse in torch ops: one gather and dense_attention_lse per row."""
+    b, hq, d = q.shape
+    out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    bs = kv_cache.shape[1]
+    for row, n in enumerate(context_lens.tolist()):
+        if n > 0:
+            k, v = gather_kv(kv_cache, block_tables[row, : -(-n // bs)], 1, n)
+            out[row], lse[row] = (t[0] for t in dense_attention_lse(q[row:row + 1], k[0].transpose(0, 1),
+                                                                     v[0].transpose(0, 1), False, scale))
+    return out, lse
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, other_out: torch.Tensor,
+                   other_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial results (float32): weights
+    exp(lse_i - lse) per row and head; a side with no key (-inf) weighs 0."""
+    merged = torch.logaddexp(lse, other_lse)
+    safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)
+    weight, other_weight = torch.exp(lse - safe).unsqueeze(-1), torch.exp(other_lse - safe).unsqueeze(-1)
+    return out * weight + other_out * other_weight, merged
 
 
 def resolve_attention_backend(name: str, device: torch.device | str) -> str:
