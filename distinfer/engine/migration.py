@@ -55,6 +55,16 @@ class RequestMover:
     def _scheduler(self):
         return self.engine.scheduler
 
+    def _check_instance(self) -> None:
+        """Moves carry each rank's whole cache of a request; under sequence parallelism a request's KV is
+        spread over the SP ranks block by block, which export/import do not re-shard (yet)."""
+        if self.engine.config.parallel.sequence_parallel_size > 1:
+            raise ValueError("moving requests between instances is not supported with sequence_parallel_size > 1")
+
+    def _check_movable(self, request_id: str) -> None:
+        self._check_instance()
+        self.engine.output_processor.check_movable(request_id)
+
     # ------------------------------------------------------------ source
 
     def export_blocks(self, request_id: str, first_block: int) -> tuple[KVExport, int]:
@@ -69,7 +79,7 @@ class RequestMover:
         the index after them.
         Their copy (`copy_out`) may then run off the step loop, while steps go on: no step writes a full
         computed block, and one the request frees (a preemption) makes `pause` refuse the move."""
-        self.engine.output_processor.check_movable(request_id)
+        self._check_movable(request_id)
         request = self._scheduler.requests[request_id]
         if first_block == 0:
             self._epochs[request_id] = request.num_preemptions
@@ -86,7 +96,7 @@ class RequestMover:
         take its snapshot and its computed blocks from `first_block` on ([] when it holds none: then the
         destination computes its tokens again; or without `export`, when a link carries them, send_blocks).
         Then `release` it (committed elsewhere) or `resume` it."""
-        self.engine.output_processor.check_movable(request_id)
+        self._check_movable(request_id)
         request = self._scheduler.requests[request_id]
         if self._epochs.pop(request_id, request.num_preemptions) != request.num_preemptions:
             raise RuntimeError(f"request {request_id!r} was preempted during the pre-copy: the blocks copied then "
@@ -128,7 +138,7 @@ class RequestMover:
 
     def num_full_blocks(self, request_id: str) -> int:
         """How many leading blocks of the request are full and computed (what a pre-copy stage may send)."""
-        self.engine.output_processor.check_movable(request_id)
+        self._check_movable(request_id)
         request = self._scheduler.requests[request_id]
         return len(self._scheduler.exportable_blocks(request_id)[:request.num_computed_tokens // self.block_size])
 
@@ -176,6 +186,7 @@ class RequestMover:
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         """Hold at least `num_blocks` device blocks for an incoming request (grows an earlier reservation).
         False (nothing changed) when they are not free."""
+        self._check_instance()
         if request_id in self._scheduler.requests or self.engine.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use in this instance")
         if num_blocks < 0:

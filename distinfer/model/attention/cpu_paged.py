@@ -3,7 +3,9 @@
 Same results as `TorchSDPABackend` (to float32 rounding) without its per-step block gather: the
 step's K/V land in their slots with one memcpy per token and each decode row's keys are read from
 its blocks directly. Prefill rows keep SDPA (compute-bound, where SDPA's blocking pays). Tensors the
-kernels do not take (not float32, not on the CPU) go through the parent backend's torch ops.
+kernels do not take (not float32/bfloat16, not on the CPU) go through the parent backend's torch ops.
+`paged_with_lse` (sequence parallelism's partials) runs on the same decode kernel; `dense_with_lse`
+stays the base one (torch's CPU flash kernel returns the LSE).
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ class CPUPagedBackend(TorchSDPABackend):
             return TorchSDPABackend._decode(q, kv_cache, md, scale)
         tables, lens = decode_inputs(md)
         return cpu.paged_decode_attention(q, kv_cache, tables, lens, scale)
+
+    def paged_with_lse(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decode kernel reading K/V in place (float32 out and LSE); the torch reference for
+        inputs it does not take."""
+        if not cpu.decode_lse_applies(q, kv_cache):
+            return super().paged_with_lse(q, kv_cache, block_tables, context_lens, scale)
+        return cpu.paged_decode_attention_lse(q, kv_cache, block_tables, context_lens, scale)
 
 
 def decode_inputs(md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

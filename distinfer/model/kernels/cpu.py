@@ -41,6 +41,8 @@ _SIGNATURES = {
     "di_linear": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "di_paged_decode_attention": (_int, [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64,
                                          _i64, _i64, _f32, _int]),
+    "di_paged_decode_attention_lse": (_int, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64,
+                                             _i64, _i64, _i64, _f32, _int]),
 }
 
 
@@ -197,11 +199,42 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     status = _kernel("di_paged_decode_attention", q.dtype)(
         out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.shape[0], block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), b, hq, hkv, d, block_size, scale, torch.get_num_threads())
+    _check_decode_status(status)
+    return out
+
+
+def decode_lse_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """paged_decode_attention_lse takes these inputs (else callers use the torch reference)."""
+    return (enabled_for(q, kv_cache) and q.dim() == 3 and kv_cache.dim() == 5 and kv_cache.is_contiguous()
+            and row_major(q) and q.shape[2] == kv_cache.shape[4] and q.shape[1] % kv_cache.shape[3] == 0)
+
+
+def paged_decode_attention_lse(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                               seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As paged_decode_attention, seq_lens may be 0 -> (out [B, Hq, D] float32, lse [B, Hq] float32): lse the
+    natural log-sum-exp of the scaled scores; a seq_len 0 row gives zeros and -inf."""
+    b, hq, d = q.shape
+    _, block_size, _, hkv, _ = kv_cache.shape
+    assert decode_lse_applies(q, kv_cache) and block_tables.dim() == 2 and block_tables.shape[0] == b
+    block_tables = block_tables.to(torch.int64).contiguous()
+    seq_lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    lse = torch.empty(b, hq, dtype=torch.float32)
+    if b == 0:
+        return out, lse
+    status = _kernel("di_paged_decode_attention_lse", q.dtype)(
+        out.data_ptr(), lse.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.shape[0],
+        block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), b, hq, hkv, d, block_size, scale,
+        torch.get_num_threads())
+    _check_decode_status(status)
+    return out, lse
+
+
+def _check_decode_status(status: int) -> None:
     if status == -2:
         raise IndexError("paged decode attention: a context length or block id is outside the block tables/cache")
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffer")
-    return out
 
 
 def small_batch_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -9,6 +9,9 @@
  *   di_paged_decode_attention
  *                     one query token per request against its paged KV, read in place from the
  *                     blocks (no gather copy); the query heads of a KV head share each K/V read.
+ *   di_paged_decode_attention_lse
+ *                     the same, output in float32 plus the log-sum-exp of the scaled scores per
+ *                     row and head (partials that sequence parallelism merges); rows may be empty.
  *
  * Built with -ffp-contract=off so element-wise products and sums round like the torch ops they
  * replace; reductions (sums of squares, dot products) use OpenMP SIMD reductions, whose order
@@ -26,8 +29,9 @@ extern float expf(float);
 
 #define SMALL_WORK 4 /* rows below which a parallel region costs more than it saves */
 
-/* softmax numerators of row[0..n) in place; returns 1 / their sum (normalization deferred) */
-static inline float exp_shifted(float *restrict row, int64_t n) {
+/* softmax numerators of row[0..n) (n >= 1) in place; returns 1 / their sum (normalization deferred);
+ * with lse, *lse = log(sum_i exp(row[i])) = max + log(sum of numerators) */
+static inline float exp_shifted(float *restrict row, int64_t n, float *lse) {
     float m = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : m)
     for (int64_t i = 0; i < n; i++) m = row[i] > m ? row[i] : m;
@@ -36,6 +40,7 @@ static inline float exp_shifted(float *restrict row, int64_t n) {
         row[i] = expf(row[i] - m);
         sum += row[i];
     }
+    if (lse) *lse = m + logf(sum);
     return 1.0f / sum;
 }
 

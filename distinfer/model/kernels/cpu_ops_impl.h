@@ -83,11 +83,13 @@ static inline float NAME(dot)(const float *restrict a, const T *restrict b, int6
 /* KV heads [h0, h1) of one request, their query heads' rows r = (h - h0) * group + g (q in float).
  * Streams the request's slots in order (each slot's K and V of all heads are contiguous), so the
  * blocks are read sequentially: scores [rows][len], softmax per row, then acc [rows][head_dim] +=
- * p * V. Inlined with a constant head_dim for the common sizes so the inner loops unroll. */
+ * p * V. Inlined with a constant head_dim for the common sizes so the inner loops unroll.
+ * len >= 1. Writes out (T) when out_f32 is NULL, else out_f32 (float32) and lse[rows]. */
 static inline __attribute__((always_inline)) void NAME(attend_heads)(
-    T *restrict out, const float *restrict q, const T *restrict cache, const int64_t *restrict table,
-    int64_t len, int64_t group, int64_t head_dim, int64_t h0, int64_t h1, int64_t num_kv_heads,
-    int64_t block_size, float scale, float *restrict scores, float *restrict acc) {
+    T *restrict out, float *restrict out_f32, float *restrict lse, const float *restrict q,
+    const T *restrict cache, const int64_t *restrict table, int64_t len, int64_t group, int64_t head_dim,
+    int64_t h0, int64_t h1, int64_t num_kv_heads, int64_t block_size, float scale, float *restrict scores,
+    float *restrict acc) {
     const int64_t slot_elems = 2 * num_kv_heads * head_dim, v_offset = num_kv_heads * head_dim;
     const int64_t rows = (h1 - h0) * group;
     for (int64_t t = 0; t < len; t++) {
@@ -99,7 +101,7 @@ static inline __attribute__((always_inline)) void NAME(attend_heads)(
             }
     }
     float inv_sum[rows];
-    for (int64_t r = 0; r < rows; r++) inv_sum[r] = exp_shifted(scores + r * len, len);
+    for (int64_t r = 0; r < rows; r++) inv_sum[r] = exp_shifted(scores + r * len, len, out_f32 ? lse + r : NULL);
     memset(acc, 0, (size_t)(rows * head_dim) * sizeof(float));
     for (int64_t t = 0; t < len; t++) {
         const T *slot = cache + (table[t / block_size] * block_size + t % block_size) * slot_elems + v_offset;
@@ -114,24 +116,28 @@ static inline __attribute__((always_inline)) void NAME(attend_heads)(
             }
         }
     }
+    if (out_f32) {
+        for (int64_t r = 0; r < rows; r++)
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) out_f32[r * head_dim + d] = acc[r * head_dim + d] * inv_sum[r];
+        return;
+    }
     for (int64_t r = 0; r < rows; r++)
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; d++) out[r * head_dim + d] = STORE(acc[r * head_dim + d] * inv_sum[r]);
 }
 
-/* q: [batch] rows (q_row_stride elements apart) of [num_heads, head_dim]; out: [batch, num_heads,
- * head_dim] contiguous; tables: [batch, table_width] block ids; seq_lens: [batch] keys per row.
- * Returns 0; -1 when scratch memory could not be allocated; -2 when a length or block id is out of
- * range (nothing is read then). */
-int NAME(di_paged_decode_attention)(T *out, const T *q, int64_t q_row_stride, const T *cache, int64_t num_blocks,
-                                    const int64_t *tables, int64_t table_width, const int64_t *seq_lens,
-                                    int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                    int64_t block_size, float scale, int nthreads) {
-    const int64_t group = num_heads / num_kv_heads;
-    int64_t max_len = 0;
+/* Shared body of the two decode entry points: out (T) when out_f32 is NULL (every seq_len >= 1), else
+ * out_f32 and lse [batch, num_heads] float32, where a seq_len 0 row gets zeros and -inf. */
+static int NAME(paged_decode)(T *out, float *out_f32, float *lse, const T *q, int64_t q_row_stride,
+                              const T *cache, int64_t num_blocks, const int64_t *tables, int64_t table_width,
+                              const int64_t *seq_lens, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim, int64_t block_size, float scale, int nthreads) {
+    const int64_t group = num_heads / num_kv_heads, min_len = out_f32 ? 0 : 1;
+    int64_t max_len = 1; /* >= 1: scratch is never a zero-size allocation */
     for (int64_t b = 0; b < batch; b++) {
         const int64_t len = seq_lens[b], used = (len + block_size - 1) / block_size;
-        if (len < 1 || used > table_width) return -2;
+        if (len < min_len || used > table_width) return -2;
         for (int64_t j = 0; j < used; j++)
             if (tables[b * table_width + j] < 0 || tables[b * table_width + j] >= num_blocks) return -2;
         max_len = len > max_len ? len : max_len;
@@ -154,25 +160,55 @@ int NAME(di_paged_decode_attention)(T *out, const T *q, int64_t q_row_stride, co
             for (int64_t item = 0; item < split; item++) {
                 if (!scores || !acc || !qf) continue;
                 const int64_t h0 = item * heads_per_item, h1 = h0 + heads_per_item;
-                T *o = out + (b * num_heads + h0 * group) * head_dim;
+                const int64_t first = b * num_heads + h0 * group; /* the item's first (row, head) */
+                T *o = out_f32 ? NULL : out + first * head_dim;
+                float *of = out_f32 ? out_f32 + first * head_dim : NULL, *l = out_f32 ? lse + first : NULL;
+                if (seq_lens[b] == 0) { /* lse variant only: no key, zeros and -inf (never 0/0) */
+                    memset(of, 0, (size_t)(rows * head_dim) * sizeof(float));
+                    for (int64_t r = 0; r < rows; r++) l[r] = -INFINITY;
+                    continue;
+                }
                 const T *qb = q + b * q_row_stride + h0 * group * head_dim;
                 for (int64_t i = 0; i < rows * head_dim; i++) qf[i] = LOAD(qb[i]);
                 const int64_t *tb = tables + b * table_width;
                 if (head_dim == 64)
-                    NAME(attend_heads)(o, qf, cache, tb, seq_lens[b], group, 64, h0, h1, num_kv_heads, block_size,
-                                       scale, scores, acc);
-                else if (head_dim == 128)
-                    NAME(attend_heads)(o, qf, cache, tb, seq_lens[b], group, 128, h0, h1, num_kv_heads, block_size,
-                                       scale, scores, acc);
-                else
-                    NAME(attend_heads)(o, qf, cache, tb, seq_lens[b], group, head_dim, h0, h1, num_kv_heads,
+                    NAME(attend_heads)(o, of, l, qf, cache, tb, seq_lens[b], group, 64, h0, h1, num_kv_heads,
                                        block_size, scale, scores, acc);
+                else if (head_dim == 128)
+                    NAME(attend_heads)(o, of, l, qf, cache, tb, seq_lens[b], group, 128, h0, h1, num_kv_heads,
+                                       block_size, scale, scores, acc);
+                else
+                    NAME(attend_heads)(o, of, l, qf, cache, tb, seq_lens[b], group, head_dim, h0, h1,
+                                       num_kv_heads, block_size, scale, scores, acc);
             }
         free(scores);
         free(acc);
         free(qf);
     }
     return failed ? -1 : 0;
+}
+
+/* q: [batch] rows (q_row_stride elements apart) of [num_heads, head_dim]; out: [batch, num_heads,
+ * head_dim] contiguous; tables: [batch, table_width] block ids; seq_lens: [batch] keys per row (>= 1).
+ * Returns 0; -1 when scratch memory could not be allocated; -2 when a length or block id is out of
+ * range (nothing is read then). */
+int NAME(di_paged_decode_attention)(T *out, const T *q, int64_t q_row_stride, const T *cache, int64_t num_blocks,
+                                    const int64_t *tables, int64_t table_width, const int64_t *seq_lens,
+                                    int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t block_size, float scale, int nthreads) {
+    return NAME(paged_decode)(out, NULL, NULL, q, q_row_stride, cache, num_blocks, tables, table_width, seq_lens,
+                              batch, num_heads, num_kv_heads, head_dim, block_size, scale, nthreads);
+}
+
+/* As di_paged_decode_attention, with out [batch, num_heads, head_dim] float32 and lse [batch, num_heads]
+ * float32 (natural log of sum exp(scale * q.k)); seq_lens may be 0 (zeros, -inf). */
+int NAME(di_paged_decode_attention_lse)(float *out, float *lse, const T *q, int64_t q_row_stride, const T *cache,
+                                        int64_t num_blocks, const int64_t *tables, int64_t table_width,
+                                        const int64_t *seq_lens, int64_t batch, int64_t num_heads,
+                                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                                        int nthreads) {
+    return NAME(paged_decode)(NULL, out, lse, q, q_row_stride, cache, num_blocks, tables, table_width, seq_lens,
+                              batch, num_heads, num_kv_heads, head_dim, block_size, scale, nthreads);
 }
 
 #undef ROUND

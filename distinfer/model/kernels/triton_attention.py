@@ -13,7 +13,9 @@ row's seq_len (those may hold anything, NaN included).
     max_seq_len) only, so a CUDA graph captured at a max_seq_len bound replays for any lengths; each
     row cuts its own seq_len into num_splits tile-aligned parts and splits past its end exit at once
     (results never depend on max_seq_len, only the parallelism does). With more than one split a
-    second kernel merges the (max, sum, accumulator) partials with the log-sum-exp rule.
+    second kernel merges the (max, sum, accumulator) partials with the log-sum-exp rule. With an `lse`
+    tensor (constexpr WRITE_LSE) the kernel writing the output also writes the row's log-sum-exp
+    (`paged_decode_attention_lse`: float32 out, for sequence parallelism's merges).
   * `paged_prefill_attention`: one program per (query tile, row, KV head), the tile's tokens x the
     group's heads flattened into the dot's M rows; flash-attention online softmax over key tiles up to
     the tile's causal limit.
@@ -49,6 +51,14 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _lse(m, l_sum):
+    """Natural log-sum-exp from a base-2 running max `m` and sum `l_sum` of exp2(s - m); -inf where the sum is 0
+    (no key)."""
+    log2_sum = tl.log2(tl.where(l_sum > 0, l_sum, 1.0))
+    return tl.where(l_sum > 0, (m + log2_sum) * 0.6931471805599453, float("-inf"))  # * ln(2)
+
+
+@triton.jit
 def _write_kv_kernel(kv_ptr, cache_ptr, slot_ptr, s_t, s_c, s_h, s_d,
                      HKV: tl.constexpr, D: tl.constexpr, HD_PAD: tl.constexpr):
     t = tl.program_id(0)
@@ -65,11 +75,11 @@ def _write_kv_kernel(kv_ptr, cache_ptr, slot_ptr, s_t, s_c, s_h, s_d,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale_log2,
+def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, lse_ptr, scale_log2,
                    s_qb, s_qh, s_qd, s_btb, s_btw, s_ob, s_oh, s_od,
                    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, WRITE_LSE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,6 +127,8 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, part_acc_ptr, pa
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b64 * s_ob + heads[:, None] * s_oh + offs_d[None, :] * s_od,
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        if WRITE_LSE:  # lse [B, Hq] contiguous
+            tl.store(lse_ptr + b64 * (HKV * G) + heads, _lse(m_i, l_i), mask=g_mask)
     else:  # partials [B, Hq, NUM_SPLITS, D_PAD] and [B, Hq, NUM_SPLITS, 2] (max, sum)
         row = (b64 * (HKV * G) + heads) * NUM_SPLITS + split
         tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_mask[:, None])
@@ -125,9 +137,9 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, part_acc_ptr, pa
 
 
 @triton.jit
-def _decode_merge_kernel(part_acc_ptr, part_ml_ptr, lens_ptr, out_ptr, s_ob, s_oh, s_od,
+def _decode_merge_kernel(part_acc_ptr, part_ml_ptr, lens_ptr, out_ptr, lse_ptr, s_ob, s_oh, s_od,
                          HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, WRITE_LSE: tl.constexpr):
     b = tl.program_id(0)
     hq = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
@@ -145,6 +157,8 @@ def _decode_merge_kernel(part_acc_ptr, part_ml_ptr, lens_ptr, out_ptr, s_ob, s_o
     out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * s_ob + hq * s_oh + offs_d * s_od,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    if WRITE_LSE:
+        tl.store(lse_ptr + b.to(tl.int64) * HQ + hq, _lse(m_max, denom))
 
 
 @triton.jit
@@ -266,9 +280,10 @@ def _decode_config(dtype: torch.dtype, d_pad: int) -> tuple[int, int]:
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row: q [B, Hq, D] over the row's first seq_lens[b] cached keys -> [B, Hq, D].
-    `max_seq_len` bounds seq_lens (sets the grid); a seq_len 0 row gives zeros."""
+    `max_seq_len` bounds seq_lens (sets the grid); a seq_len 0 row gives zeros. With `lse` (contiguous
+    float32 [B, Hq]) the natural log-sum-exp of the scaled scores is written there too (-inf for seq_len 0)."""
     block_size, hkv, d, d_pad = _check_query(q, kv_cache)
     batch, hq, _ = q.shape
     if out is None:
@@ -279,20 +294,39 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     prec, upcast = _dot_options(q.dtype)
     tile, warps = _decode_config(q.dtype, d_pad)
     splits = decode_num_splits(batch, hkv, max_seq_len, q.device)
+    write_lse = lse is not None
+    if write_lse:
+        assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == (batch, hq)
+    else:
+        lse = out  # unused
     part_acc = part_ml = out  # unused with one split
     if splits > 1:
         part_acc = torch.empty(batch, hq, splits, d_pad, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(batch, hq, splits, 2, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, hkv, splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, scale * LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, lse, scale * LOG2E,
         *q.stride(), *block_tables.stride(), *out.stride(),
         HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        TILE=tile, NUM_SPLITS=splits, PREC=prec, UPCAST=upcast, num_warps=warps, enable_fp_fusion=True)
+        TILE=tile, NUM_SPLITS=splits, PREC=prec, UPCAST=upcast, WRITE_LSE=write_lse, num_warps=warps,
+        enable_fp_fusion=True)
     if splits > 1:
         _decode_merge_kernel[(batch, hq)](
-            part_acc, part_ml, seq_lens, out, *out.stride(), HQ=hq, D=d, D_PAD=d_pad, TILE=tile,
-            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4, enable_fp_fusion=True)
+            part_acc, part_ml, seq_lens, out, lse, *out.stride(), HQ=hq, D=d, D_PAD=d_pad, TILE=tile,
+            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), WRITE_LSE=write_lse, num_warps=4,
+            enable_fp_fusion=True)
     return out
+
+
+def paged_decode_attention_lse(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                               context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionBackend.paged_with_lse: the decode kernel with float32 out and LSE; context_lens may be 0.
+    Reads max(context_lens) on the host for the grid (one sync; not for CUDA-graph capture)."""
+    batch, hq, d = q.shape
+    out = torch.empty(batch, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
+    max_len = int(context_lens.max()) if batch else 0
+    paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, max_len, out=out, lse=lse)
+    return out, lse
 
 
 def _prefill_config(dtype: torch.dtype, d_pad: int, g_pad: int) -> tuple[int, int, int]:
@@ -333,4 +367,5 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     return out
 
 
-__all__ = ["decode_num_splits", "paged_decode_attention", "paged_prefill_attention", "write_kv"]
+__all__ = ["decode_num_splits", "paged_decode_attention", "paged_decode_attention_lse", "paged_prefill_attention",
+           "write_kv"]
