@@ -42,7 +42,7 @@ PY
 echo "== GPU tests"
 # pytest-asyncio is not installed: pyproject's asyncio_mode is then an unknown ini key (a warning, not an error).
 start=$SECONDS
-timeout 185 "$PY" -m pytest tests/gpu -q -p no:cacheprovider --timeout 150 -rfEs --durations=15 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 185 "$PY" -m pytest tests/gpu tests/unit/test_attention_lse.py -q -p no:cacheprovider --timeout 150 -rfEs --durations=15 2>&1 | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}; echo "GPU tests: exit $rc in $((SECONDS - start)) s"; [[ $rc -eq 0 ]] || status=1
 
 echo "== benchmark"

@@ -136,3 +136,22 @@ def test_free_with_uncache_drops_only_blocks_nobody_else_holds():
     kv.free("c")
     kv.free("b")
     assert lookup(kv, "d", prompt[:4] + [50, 51, 52, 53, 54]) == 8  # b ended normally: cached
+
+
+def test_sequence_parallel_partitions_put_block_i_on_rank_i_mod_sp():
+    """sp=2, 4 blocks per rank: ids 0-3 are rank 0's, 4-7 rank 1's; a request's blocks alternate."""
+    kv = KVCacheManager(8, BS, True, 24, num_partitions=2)  # 24 tokens = 6 blocks = 3 per rank
+    assert kv.allocate_slots("a", 13) == [0, 4, 1, 5]  # 4 blocks: rank 0, 1, 0, 1
+    assert kv.num_free_blocks == 4
+    assert kv.allocate_slots("b", 20) is None  # 5 blocks would need 3 on rank 0, which has 2 left
+    assert kv.num_free_blocks == 4 and kv.get_block_ids("b") == []
+    assert kv.allocate_slots("b", 16) == [2, 6, 3, 7]
+    kv.free("a")
+    tokens = list(range(16))
+    kv.cache_blocks("b", tokens, 16)
+    # the same prompt finds b's blocks, each on the rank its position says
+    assert lookup(kv, "c", tokens + [99]) == 16 and kv.get_block_ids("c") == [2, 6, 3, 7]
+    with pytest.raises(ValueError, match="3 blocks on each of 2 sequence-parallel ranks"):
+        KVCacheManager(6, BS, True, 28, num_partitions=2)  # 28 tokens = 7 blocks: 4 on rank 0
+    with pytest.raises(ValueError, match="host tier"):
+        KVCacheManager(8, BS, True, 16, num_host_blocks=4, num_partitions=2)

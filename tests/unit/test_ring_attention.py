@@ -32,13 +32,17 @@ def test_zigzag_and_block_cyclic_ownership():
 
 
 def test_each_rank_takes_chunks_i_and_2sp_minus_1_minus_i():
-    tables = [list(range(0, 8, 1))]
+    # 16 tokens in blocks of 4: blocks 0 and 2 on rank 0 (ids 0, 1), blocks 1 and 3 on rank 1 (ids 8, 9)
     md0 = build_sp_metadata([16], [16], [[0, 8, 1, 9]], BLOCK, 2, 0, 8, [0])
     md1 = build_sp_metadata([16], [16], [[0, 8, 1, 9]], BLOCK, 2, 1, 8, [0])
     assert md0.local_rows.tolist() == [0, 1, 2, 3, 12, 13, 14, 15]  # chunks 0 and 3
     assert md1.local_rows.tolist() == list(range(4, 12))  # chunks 1 and 2
     assert md0.sample_counts == [1, 0] and md0.sample_local.tolist() == [7]  # the last token is on rank 0
-    assert tables  # (unused; kept for the reader: block ids above are rank 0: 0, 1; rank 1: 8, 9)
+    # rank 0 stores positions 0-3 and 8-11: its own rows 0-3 and rank 1's rows 8-11 (its local rows 4-7)
+    assert md0.writes[0][1].tolist() == [0, 1, 2, 3] and md0.writes[1][0].tolist() == [4, 5, 6, 7]
+    assert md0.writes[1][1].tolist() == [4, 5, 6, 7]  # slots of its second local block (id 1)
+    with pytest.raises(ValueError, match="outside its partition"):  # a table that breaks the block-cyclic rule
+        build_sp_metadata([1], [10], [[0, 1, 9]], BLOCK, 2, 0, 8, [0])
 
 
 def _tables(steps: list[tuple[int, int]], sp: int, per_rank: int) -> list[list[int]]:
