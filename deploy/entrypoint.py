@@ -42,6 +42,7 @@ SERVE_ENV = (
     EnvFlag("DISTINFER_DTYPE", "--dtype"),
     EnvFlag("DISTINFER_TENSOR_PARALLEL_SIZE", "--tensor-parallel-size"),
     EnvFlag("DISTINFER_PIPELINE_PARALLEL_SIZE", "--pipeline-parallel-size"),
+    EnvFlag("DISTINFER_SEQUENCE_PARALLEL_SIZE", "--sequence-parallel-size"),
     EnvFlag("DISTINFER_MAX_MODEL_LEN", "--max-model-len"),
     EnvFlag("DISTINFER_GPU_MEMORY_UTILIZATION", "--gpu-memory-utilization"),
     EnvFlag("DISTINFER_KV_OFFLOADING_SIZE", "--kv-offloading-size"),

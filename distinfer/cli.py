@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("-sp", "--sequence-parallel-size", type=int, default=1,
+                        help="sequence parallel ranks sharing each prompt's tokens (world size: tp x pp x sp)")
     parser.add_argument("--pipeline-layer-partition", default=None,
                         help="layers per pipeline stage, e.g. 17,13 (default: even split)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (unseeded sampling)")
@@ -66,6 +68,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        sequence_parallel_size=args.sequence_parallel_size,
         pipeline_layer_partition=args.pipeline_layer_partition,
         seed=args.seed,
         max_waiting_requests=args.max_pending_requests,

@@ -263,6 +263,7 @@ class InferenceServicer:
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         try:
             engine = self.slot.get()
+            validate_model_name(getattr(request, "model", ""), self.model_name)
             core = engine.engine
             tokenizer = engine.tokenizer
             dtype = str(core.config.model.dtype).removeprefix("torch.")
@@ -282,6 +283,7 @@ class InferenceServicer:
     async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         try:
             engine = self.slot.get()
+            validate_model_name(getattr(request, "model", ""), self.model_name)
             config = engine.engine.config
             parallel = config.parallel
             return pb.GetServerInfoResponse(
@@ -305,6 +307,7 @@ class InferenceServicer:
         try:
             if isinstance(request, UndecodableRequest):
                 raise request.error
+            validate_model_name(request.model, self.model_name)
             instance_id = validate_instance_id(request.instance_id)
             timeout_s = validate_drain_timeout(request.timeout_s if request.HasField("timeout_s") else None)
             engine = self.slot.get()

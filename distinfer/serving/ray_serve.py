@@ -4,7 +4,7 @@
 `serve run deploy/serve_config.yaml` (or a KubeRay RayService's `serveConfigV2`) imports
 `distinfer.serving.ray_serve:app_builder` with the YAML's `args` (ServeAppArgs). Each replica:
 
-- reserves a placement group: bundle 0 for the replica itself, then one bundle per TP x PP worker
+- reserves a placement group: bundle 0 for the replica itself, then one bundle per TP x PP x SP worker
   rank; the engine's RayExecutor places its workers in those bundles (it uses the current
   placement group when there is one) instead of reserving a second group;
 - or, with `num_instances` > 1, reserves only its own CPU and starts a Router actor and that many
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from distinfer.serving.asgi_relay import GrpcStatus, HttpCall, run_asgi
 from distinfer.serving.auth import api_key_problem, resolve_api_key
 from distinfer.serving.grpc_auth import authorization_value
 from distinfer.serving.grpc_health_check import NOT_SERVING, SERVING
@@ -55,11 +56,12 @@ class ServeAppArgs(BaseModel):
     served_model_name: str | None = None
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    sequence_parallel_size: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the Ray cluster has GPUs
     api_key: str | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other AsyncLLM keyword
     # > 1: the replica hosts a RouterEngine over that many engine instances (each a full model copy with
-    # its own tp x pp workers), placed by `dispatch_policy` (default least_load; only with num_instances > 1)
+    # its own tp x pp x sp workers), placed by `dispatch_policy` (default least_load; only with num_instances > 1)
     num_instances: int = Field(1, ge=1)
     dispatch_policy: str | None = None
     # prefill/decode disaggregation (P + D instances), live migration's trigger policy and KV transport
@@ -86,8 +88,15 @@ class ServeAppArgs(BaseModel):
                     migration_policy=self.migration_policy, migration_transport=self.migration_transport)
 
     @property
+    def engine_args(self) -> dict[str, Any]:
+        """The engine's keywords: engine_kwargs with the parallel sizes and the device."""
+        return dict(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size,
+                    pipeline_parallel_size=self.pipeline_parallel_size,
+                    sequence_parallel_size=self.sequence_parallel_size, device=self.device)
+
+    @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.sequence_parallel_size
 
     @property
     def model_name(self) -> str:
@@ -152,12 +161,16 @@ class _ServeGrpcContext:
     class Aborted(Exception):
         pass
 
-    def __init__(self, serve_context: Any) -> None:
+    def __init__(self, serve_context: Any, metadata: list[tuple[str, str]] | None = None) -> None:
         self._serve_context = serve_context
+        self._metadata = metadata  # a call relayed by the multi-model ingress: the client's metadata
         self.responses: asyncio.Queue = asyncio.Queue()
         self._done = False
+        self.status: GrpcStatus | None = None
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
+        if self._metadata is not None:
+            return list(self._metadata)
         return list(self._serve_context.invocation_metadata()) if self._serve_context is not None else []
 
     async def write(self, response: Any) -> None:
@@ -165,6 +178,7 @@ class _ServeGrpcContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         self._done = True
+        self.status = GrpcStatus(code, details)
         if self._serve_context is not None:
             self._serve_context.set_code(code)
             self._serve_context.set_details(details)
@@ -177,36 +191,28 @@ class _ServeGrpcContext:
         return None
 
 
-@serve.deployment(
-    name=DEPLOYMENT_NAME,
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=256,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=60,
-)
-@serve.ingress()
-class DistInferDeployment:
+class DistInferReplica:
     """One model replica: AsyncLLM (or RouterEngine) + the OpenAI app (HTTP ingress) + InferenceService
-    methods (gRPC)."""
+    methods (gRPC). DistInferDeployment is the application's ingress; in a multi-model application the
+    ingress relays to DistInferModel (Serve allows one ASGI ingress per application)."""
 
     async def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeAppArgs.model_validate(args)
         a = self.args
-        kwargs = dict(a.engine_kwargs, tensor_parallel_size=a.tensor_parallel_size,
-                      pipeline_parallel_size=a.pipeline_parallel_size, device=a.device)
         self.api_key = resolve_api_key(a.api_key)  # or $DISTINFER_API_KEY / $DISTINFER_API_KEY_FILE
-        self.engine = await asyncio.to_thread(make_engine, a.model, kwargs, **a.router_kwargs)
+        self.engine = await asyncio.to_thread(make_engine, a.model, a.engine_args, **a.router_kwargs)
         self.metrics = EngineMetrics.attach(self.engine, a.model_name)
         # /metrics through the proxy reaches one replica: every replica also exports through Ray's metrics
         self._ray_metrics = RayMetricsBridge(self.metrics.registry).start()
         self._grpc = self._grpc_servicer()
-        logger.info("replica ready: %s (tp=%d, pp=%d, %d instance(s))", a.model_name, a.tensor_parallel_size,
-                    a.pipeline_parallel_size, a.num_instances)
+        self._http_app: Any = None
+        logger.info("replica ready: %s (tp=%d, pp=%d, sp=%d, %d instance(s))", a.model_name,
+                    a.tensor_parallel_size, a.pipeline_parallel_size, a.sequence_parallel_size, a.num_instances)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.engine, self.args.model_name, self.api_key, self.metrics)
+        if self._http_app is None:
+            self._http_app = build_app(self.engine, self.args.model_name, self.api_key, self.metrics)
+        return self._http_app
 
     def _grpc_servicer(self) -> Any:
         try:
@@ -241,9 +247,32 @@ class DistInferDeployment:
 
     async def _unary(self, method: str, request: Any, grpc_context: Any) -> Any:
         """Errors: the servicer sets the status on the context and raises; Serve sends that status."""
-        context = _ServeGrpcContext(grpc_context)
+        return await self._call(method, request, _ServeGrpcContext(grpc_context))
+
+    async def _call(self, method: str, request: Any, context: _ServeGrpcContext) -> Any:
         await self._check_access(context)
         return await getattr(self._grpc, method)(request, context)
+
+    # ------------------------------------------------------------ calls relayed by the multi-model ingress
+
+    async def relay_http(self, call: HttpCall) -> AsyncIterator[dict[str, Any]]:
+        """One HTTP request through this replica's OpenAI app: its ASGI messages, streamed (ray_serve_multi)."""
+        async for message in run_asgi(self.__serve_build_asgi_app__(), call):
+            yield message
+
+    async def relay_grpc(self, method: str, request: Any, metadata: list[tuple[str, str]]) -> AsyncIterator[Any]:
+        """One InferenceService (or health `Check`) call: its responses, then a GrpcStatus if it was refused."""
+        context = _ServeGrpcContext(None, metadata)
+        try:
+            if method == "Generate":
+                async for response in self._generate(request, context):
+                    yield response
+            elif method == "Check":
+                yield await self.Check(request)
+            else:
+                yield await self._call(method, request, context)
+        except _ServeGrpcContext.Aborted:
+            yield context.status
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1.Health/Check through Serve's gRPC proxy (its servicer function is in grpc_options):
@@ -259,7 +288,10 @@ class DistInferDeployment:
         return health_pb2.HealthCheckResponse(status=SERVING if serving else NOT_SERVING)
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        context = _ServeGrpcContext(grpc_context)
+        async for response in self._generate(request, _ServeGrpcContext(grpc_context)):
+            yield response
+
+    async def _generate(self, request: Any, context: _ServeGrpcContext) -> AsyncIterator[Any]:
         await self._check_access(context)
         task = asyncio.ensure_future(self._grpc.Generate(request, context))
         try:
@@ -294,14 +326,32 @@ class DistInferDeployment:
         return await self._unary("DrainInstance", request, grpc_context)
 
 
+_DEPLOYMENT_DEFAULTS: dict[str, Any] = dict(
+    name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256, health_check_period_s=10,
+    health_check_timeout_s=30, graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=60)
+DistInferDeployment = serve.deployment(**_DEPLOYMENT_DEFAULTS)(serve.ingress()(DistInferReplica))
+DistInferModel = serve.deployment(**_DEPLOYMENT_DEFAULTS)(DistInferReplica)
+
+
 def app_builder(args: dict[str, Any]) -> Application:
-    """`import_path: distinfer.serving.ray_serve:app_builder`; `args` are ServeAppArgs."""
-    parsed = ServeAppArgs.model_validate(args or {})
+    """`import_path: distinfer.serving.ray_serve:app_builder`; `args` are ServeAppArgs, or a `models` list
+    of them (several models behind one ingress, see distinfer/serving/ray_serve_multi.py)."""
+    if args and "models" in args:
+        from distinfer.serving.ray_serve_multi import multi_model_app
+
+        return multi_model_app(args)
+    return model_deployment(ServeAppArgs.model_validate(args or {}))
+
+
+def model_deployment(parsed: ServeAppArgs, ingress: bool = True, **deployment_options: Any) -> Application:
+    """The DistInfer deployment of one model, bound to its args (the device resolved here, once): the
+    application's HTTP ingress, or (ingress=False) a deployment the multi-model ingress relays to."""
     parsed = parsed.model_copy(update={"device": resolve_serve_device(parsed.device)})
-    options: dict[str, Any] = {"ray_actor_options": replica_actor_options(parsed)}
+    options: dict[str, Any] = dict(deployment_options, ray_actor_options=replica_actor_options(parsed))
     bundles = placement_bundles(parsed)
     if bundles is not None:
         options["placement_group_bundles"] = bundles
         # TP ranks all-reduce every layer: keep a replica on one node. PP stages may span nodes.
         options["placement_group_strategy"] = "STRICT_PACK" if parsed.pipeline_parallel_size == 1 else "PACK"
-    return DistInferDeployment.options(**options).bind(parsed.model_dump())
+    deployment = DistInferDeployment if ingress else DistInferModel
+    return deployment.options(**options).bind(parsed.model_dump())

@@ -53,6 +53,10 @@ def test_app_args_are_checked():
     ({"pipeline_parallel_size": 2, "device": "cuda"}, [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2, "PACK", 0),
     ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cuda"},
      [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4, "PACK", 0),
+    # sequence parallel ranks count in the world size: tp 2 x sp 2 on one node
+    ({"tensor_parallel_size": 2, "sequence_parallel_size": 2, "device": "cuda"},
+     [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4, "STRICT_PACK", 0),
+    ({"sequence_parallel_size": 2, "pipeline_parallel_size": 2}, [{"CPU": 1.0}] * 5, "PACK", 0),
 ])
 def test_placement_group_bundles_sized_for_workers(args, bundles, strategy, replica_gpus):
     assert placement_bundles(ServeAppArgs.model_validate(args)) == bundles
@@ -60,6 +64,21 @@ def test_placement_group_bundles_sized_for_workers(args, bundles, strategy, repl
     assert replica.placement_group_bundles == bundles
     assert replica.placement_group_strategy == strategy
     assert replica.ray_actor_options.get("num_gpus", 0) == replica_gpus
+
+
+def test_sequence_parallel_size_reaches_the_engine_kwargs():
+    from distinfer.cli import build_parser, engine_kwargs
+
+    built = ServeAppArgs.model_validate(app_builder({"sequence_parallel_size": 3})._bound_deployment.init_args[0])
+    assert built.engine_args["sequence_parallel_size"] == 3  # what the replica passes to make_engine
+    from distinfer.engine.llm import build_config
+
+    assert build_config(None, **built.engine_args).parallel.world_size == built.world_size == 3
+    with pytest.raises(ValueError, match="sequence_parallel_size"):
+        ServeAppArgs.model_validate({"sequence_parallel_size": 0})
+    args = build_parser().parse_args(["serve", "-sp", "2", "-tp", "2"])
+    assert (engine_kwargs(args)["sequence_parallel_size"], engine_kwargs(args)["tensor_parallel_size"]) == (2, 2)
+    assert engine_kwargs(build_parser().parse_args(["serve"]))["sequence_parallel_size"] == 1
 
 
 def test_serve_device_is_resolved_once_and_checked():

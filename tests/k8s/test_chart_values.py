@@ -24,6 +24,7 @@ OTHER: dict[str, tuple[object, tuple[str, ...]]] = {
     "model.pvc.claimName": ("c2", ("model.source=pvc", "model.pvc.claimName=c")),
     "model.hostPath.path": ("/b", ("model.source=hostPath", "model.hostPath.path=/a")),
     "model.cache.claimName": ("cache", ()), "model.cache.sizeLimit": ("1Gi", ()),
+    "models": ([{"servedModelName": "m", "path": "/opt/m"}], ()),
     "engine.device": ("cpu", ()), "engine.dtype": ("float16", ()),
     "engine.tensorParallelSize": (2, (f"{GROUP}.gpus=2",)),
     "engine.sequenceParallelSize": (2, (f"{GROUP}.gpus=2",)),
@@ -142,6 +143,9 @@ def _json_sets(settings: list[tuple[str, object]]) -> tuple[str, ...]:
     ("engine.bogus=1", "additional properties 'bogus' not allowed"),
     ("ray.head.resources.requests.gpu=1", "additional properties 'gpu' not allowed"),
     ('engine.dtype="fp8"', "value must be one of"),
+    ('models=[{"servedModelName": "a", "path": "a", "replicas": 2}]', "additional properties 'replicas' not allowed"),
+    ('models=[{"servedModelName": "a"}]', "missing property 'path'"),
+    ('models=[{"servedModelName": "a", "path": "a", "numReplicas": 0}]', "minimum: got 0, want 1"),
     ('router.dispatchPolicy="random"', "value must be one of"),
     ('engine.tensorParallelSize="two"', "got string, want integer"),
     ("engine.gpuMemoryUtilization=1.5", "maximum"),
@@ -159,11 +163,12 @@ def test_schema_rejects_bad_values(helm, setting, message):
     (("router.dispatchPolicy=round_robin",), "need more than one instance"),
     (("router.prefillInstances=1",), "decodeInstances >= 1"),
     (("serve.acceleratorType=A100", "engine.device=cpu"), "acceleratorType needs engine.device=cuda"),
-    (("mode=deployment", "engine.sequenceParallelSize=2", "deployment.gpus=4"), "not an option of `distinfer serve`"),
+    (("mode=deployment", 'models=[{"servedModelName": "a", "path": "/m/a"}]'), "models (several models in one application) needs mode: rayservice"),
+    (('models=[{"servedModelName": "a", "path": "a"}]',), "describe the single model"),  # gpu-tp2 sets model.path
 ])
 def test_inconsistent_settings_fail_with_a_message(helm, sets, message):
     args = ["template", "rel", str(CHART), "-f", str(ci_values("gpu-tp2"))]
     for s in sets:
-        args += ["--set", s]
+        args += ["--set-json" if s.startswith("models=") else "--set", s]
     result = run_helm(helm, *args)
     assert result.returncode != 0 and message in result.stderr, result.stderr

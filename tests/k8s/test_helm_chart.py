@@ -158,6 +158,12 @@ def test_plain_deployment_command_is_a_valid_distinfer_serve(helm):
     assert (args.host, args.http_port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
     assert args.served_model_name == "smollm2-1.7b" and args.device == "cuda" and args.drain_timeout == 55
     assert args.tls_cert and args.tls_key and args.require_api_key
+    from distinfer.cli import engine_kwargs
+
+    sp = one(render(helm, ci_values("plain-deployment"), sets=("engine.sequenceParallelSize=2", "deployment.gpus=2")),
+             "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    kwargs = engine_kwargs(build_parser().parse_args(sp["command"][1:] + sp["args"]))
+    assert (kwargs["sequence_parallel_size"], kwargs["tensor_parallel_size"]) == (2, 1)  # -sp reaches the engine
 
 
 def test_security_context_is_non_root_everywhere(helm):

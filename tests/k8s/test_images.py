@@ -63,7 +63,7 @@ def test_entrypoint_builds_distinfer_serve_from_env(tmp_path):
     key = tmp_path / "key"
     key.write_text("s3cret\n")
     env = {"DISTINFER_API_KEY_FILE": str(key), "DISTINFER_MODEL": "/models/m", "DISTINFER_TENSOR_PARALLEL_SIZE": "2",
-           "DISTINFER_SERVED_MODEL_NAME": "m", "DISTINFER_DRAIN_TIMEOUT": "25", "DISTINFER_EXTRA_ARGS": "--max-num-seqs 64"}
+           "DISTINFER_SEQUENCE_PARALLEL_SIZE": "2", "DISTINFER_SERVED_MODEL_NAME": "m", "DISTINFER_DRAIN_TIMEOUT": "25", "DISTINFER_EXTRA_ARGS": "--max-num-seqs 64"}
     result = _entrypoint("--dry-run", "--", "--seed", "3", env=env)
     assert result.returncode == 0, result.stderr
     argv = result.stdout.split()
@@ -71,7 +71,7 @@ def test_entrypoint_builds_distinfer_serve_from_env(tmp_path):
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.model_path, args.tensor_parallel_size, args.served_model_name) == ("serve", "/models/m", 2, "m")
     assert (args.host, args.http_port, args.grpc_port, args.drain_timeout) == ("0.0.0.0", 8000, 50051, 25.0)
-    assert args.require_api_key and args.max_num_seqs == 64 and args.seed == 3
+    assert args.require_api_key and args.max_num_seqs == 64 and args.seed == 3 and args.sequence_parallel_size == 2
 
 
 @pytest.mark.parametrize("env,message", [

@@ -37,16 +37,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-key" (include "distinfer.fullname" .)) .Values.apiKey.existingSecret -}}
 {{- end -}}
 
-{{/* The model argument: "" means distinfer's default model. */}}
+{{/* The model argument: "" means distinfer's default model. With `models`, the single model is unused. */}}
 {{- define "distinfer.modelPath" -}}
-{{- $m := .Values.model -}}
+{{- if not .Values.models -}}
+{{- include "distinfer.modelPathOf" (dict "model" .Values.model "path" .Values.model.path) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A model's path under model.source: (dict "model" .Values.model "path" path). */}}
+{{- define "distinfer.modelPathOf" -}}
+{{- $m := .model -}}
 {{- if eq $m.source "image" -}}
-{{- $m.path -}}
-{{- else if $m.path -}}
-{{- printf "%s/%s" (trimSuffix "/" $m.mountPath) (trimPrefix "/" $m.path) -}}
+{{- .path -}}
+{{- else if .path -}}
+{{- printf "%s/%s" (trimSuffix "/" $m.mountPath) (trimPrefix "/" .path) -}}
 {{- else -}}
 {{- $m.mountPath -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Every model path the init container prepares ("" = distinfer's default model). */}}
+{{- define "distinfer.modelPaths" -}}
+{{- $paths := list -}}
+{{- if .Values.models -}}
+{{- range .Values.models -}}
+{{- $paths = append $paths (include "distinfer.modelPathOf" (dict "model" $.Values.model "path" .path)) -}}
+{{- end -}}
+{{- else -}}
+{{- $paths = append $paths (include "distinfer.modelPath" .) -}}
+{{- end -}}
+{{- toJson $paths -}}
 {{- end -}}
 
 {{- define "distinfer.worldSize" -}}
@@ -86,6 +106,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (eq .Values.mode "deployment") .Values.networkPolicy.dashboardFrom -}}
 {{- fail "networkPolicy.dashboardFrom is Ray's dashboard: mode: rayservice only" -}}
 {{- end -}}
+{{- include "distinfer.validateModels" . -}}
 {{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) -}}
 {{- fail "grpcRoute.enabled needs grpcRoute.parentRefs (the Gateway)" -}}
 {{- end -}}
@@ -99,6 +120,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- else if lt (int .Values.deployment.gpus) (mul (int (include "distinfer.worldSize" .)) $instances) -}}
 {{- fail "deployment.gpus must cover tp x pp x sp x instances with engine.device=cuda" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* `models`: several models in one application (rayservice mode; each entry names its own path). */}}
+{{- define "distinfer.validateModels" -}}
+{{- if .Values.models -}}
+{{- if eq .Values.mode "deployment" -}}
+{{- fail "models (several models in one application) needs mode: rayservice" -}}
+{{- end -}}
+{{- if or .Values.model.path .Values.model.servedModelName -}}
+{{- fail "model.path / model.servedModelName describe the single model: with models set, give each entry its path and servedModelName" -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range .Values.models -}}
+{{- if hasKey $names .servedModelName -}}
+{{- fail (printf "models: servedModelName %q is used twice" .servedModelName) -}}
+{{- end -}}
+{{- $_ := set $names .servedModelName true -}}
+{{- if and (eq $.Values.model.source "image") .path (not (hasPrefix "/" .path)) -}}
+{{- fail (printf "models[%s]: model.source=image needs an absolute path (or \"\" for the default model)" .servedModelName) -}}
+{{- end -}}
+{{- if and (eq $.Values.engine.device "cuda") (eq $.Values.mode "rayservice") -}}
+{{- $rank := mul (default $.Values.engine.tensorParallelSize .tensorParallelSize) (default $.Values.engine.sequenceParallelSize .sequenceParallelSize) -}}
+{{- range $.Values.ray.workerGroups -}}
+{{- if lt (int .gpus) (int $rank) -}}
+{{- fail (printf "ray.workerGroups[%s].gpus=%v cannot hold a model's tensorParallelSize x sequenceParallelSize = %v GPUs on one node" .name .gpus $rank) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -122,22 +173,69 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $r.dispatchPolicy }}{{ $_ := set $args "dispatch_policy" . }}{{ end -}}
 {{- with $r.migrationPolicy }}{{ $_ := set $args "migration_policy" . }}{{ end -}}
 {{- with .Values.serve.acceleratorType }}{{ $_ := set $args "accelerator_type" . }}{{ end -}}
-{{- /* ServeAppArgs gains sequence_parallel_size with issue 12; 1 is today's only value. */ -}}
-{{- if gt (int $e.sequenceParallelSize) 1 }}{{ $_ := set $args "sequence_parallel_size" (int $e.sequenceParallelSize) }}{{ end -}}
+{{- $_ := set $args "sequence_parallel_size" (int $e.sequenceParallelSize) -}}
 {{- toYaml $args -}}
+{{- end -}}
+
+{{/* The replica settings of the DistInfer deployment(s): fixed or autoscaled. */}}
+{{- define "distinfer.replicaSettings" -}}
+{{- $s := .Values.serve -}}
+{{- if $s.autoscaling.enabled -}}
+{{- $a := $s.autoscaling -}}
+{{- toYaml (dict "autoscaling_config" (dict "min_replicas" (int $a.minReplicas) "initial_replicas" (int $a.initialReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_requests" (int $a.targetOngoingRequests) "upscale_delay_s" (int $a.upscaleDelayS) "downscale_delay_s" (int $a.downscaleDelayS))) -}}
+{{- else -}}
+{{- toYaml (dict "num_replicas" (int $s.numReplicas)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* `models`: args {api_key, models: [ServeAppArgs + replica settings]} (distinfer/serving/ray_serve_multi.py);
+     each entry starts from the single model's args and takes the entry's own settings. */}}
+{{- define "distinfer.multiModelArgs" -}}
+{{- $base := include "distinfer.appArgs" . | fromYaml -}}
+{{- $entries := list -}}
+{{- range .Values.models -}}
+{{- $args := deepCopy $base -}}
+{{- $kw := get $args "engine_kwargs" -}}
+{{- with include "distinfer.modelPathOf" (dict "model" $.Values.model "path" .path) }}{{ $_ := set $args "model" . }}{{ end -}}
+{{- $_ := set $args "served_model_name" .servedModelName -}}
+{{- if .tensorParallelSize }}{{ $_ := set $args "tensor_parallel_size" (int .tensorParallelSize) }}{{ end -}}
+{{- if .pipelineParallelSize }}{{ $_ := set $args "pipeline_parallel_size" (int .pipelineParallelSize) }}{{ end -}}
+{{- if .sequenceParallelSize }}{{ $_ := set $args "sequence_parallel_size" (int .sequenceParallelSize) }}{{ end -}}
+{{- if .dtype }}{{ $_ := set $kw "dtype" .dtype }}{{ end -}}
+{{- if .maxModelLen }}{{ $_ := set $kw "max_model_len" (int .maxModelLen) }}{{ end -}}
+{{- if hasKey . "gpuMemoryUtilization" }}{{ $_ := set $kw "gpu_memory_utilization" .gpuMemoryUtilization }}{{ end -}}
+{{- if hasKey . "kvOffloadingSize" }}{{ $_ := set $kw "kv_offloading_size" .kvOffloadingSize }}{{ end -}}
+{{- if .numReplicas -}}
+{{- $_ := set $args "num_replicas" (int .numReplicas) -}}
+{{- else -}}
+{{- $args = merge $args (include "distinfer.replicaSettings" $ | fromYaml) -}}
+{{- end -}}
+{{- $_ := set $args "max_ongoing_requests" (int $.Values.serve.maxOngoingRequests) -}}
+{{- $entries = append $entries $args -}}
+{{- end -}}
+{{- toYaml (dict "models" $entries) -}}
 {{- end -}}
 
 {{/* serveConfigV2: the application deploy/serve_config.yaml describes, with the chart's values. */}}
 {{- define "distinfer.serveConfig" -}}
 {{- $s := .Values.serve -}}
-{{- $deployment := dict "name" "DistInfer" "max_ongoing_requests" (int $s.maxOngoingRequests) "health_check_period_s" (int $s.healthCheckPeriodS) "graceful_shutdown_timeout_s" (int $s.gracefulShutdownTimeoutS) "ray_actor_options" (dict "num_cpus" 1) -}}
-{{- if $s.autoscaling.enabled -}}
-{{- $a := $s.autoscaling -}}
-{{- $_ := set $deployment "autoscaling_config" (dict "min_replicas" (int $a.minReplicas) "initial_replicas" (int $a.initialReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_requests" (int $a.targetOngoingRequests) "upscale_delay_s" (int $a.upscaleDelayS) "downscale_delay_s" (int $a.downscaleDelayS)) -}}
-{{- else -}}
-{{- $_ := set $deployment "num_replicas" (int $s.numReplicas) -}}
+{{- /* No ray_actor_options here: they would replace the builder's (the GPU of a one-rank replica). */ -}}
+{{- $health := dict "health_check_period_s" (int $s.healthCheckPeriodS) "graceful_shutdown_timeout_s" (int $s.gracefulShutdownTimeoutS) -}}
+{{- $app := dict "name" $s.applicationName "route_prefix" "/" "import_path" "distinfer.serving.ray_serve:app_builder" -}}
+{{- if .Values.models -}}
+{{- /* Replica settings travel in each entry's args; the deployments (DistInfer-<served name>) get the health settings. */ -}}
+{{- $deployments := list -}}
+{{- range .Values.models -}}
+{{- $name := printf "DistInfer-%s" (regexReplaceAll "[^A-Za-z0-9._-]" .servedModelName "-") -}}
+{{- $deployments = append $deployments (merge (dict "name" $name) $health) -}}
 {{- end -}}
-{{- $app := dict "name" $s.applicationName "route_prefix" "/" "import_path" "distinfer.serving.ray_serve:app_builder" "args" (include "distinfer.appArgs" . | fromYaml) "deployments" (list $deployment) -}}
+{{- $_ := set $app "args" (include "distinfer.multiModelArgs" . | fromYaml) -}}
+{{- $_ := set $app "deployments" $deployments -}}
+{{- else -}}
+{{- $deployment := merge (dict "name" "DistInfer" "max_ongoing_requests" (int $s.maxOngoingRequests)) $health (include "distinfer.replicaSettings" . | fromYaml) -}}
+{{- $_ := set $app "args" (include "distinfer.appArgs" . | fromYaml) -}}
+{{- $_ := set $app "deployments" (list $deployment) -}}
+{{- end -}}
 {{- $servicers := list "distinfer.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $s.httpPort)) "grpc_options" (dict "port" (int $s.grpcPort) "grpc_servicer_functions" $servicers) "logging_config" (dict "encoding" "TEXT" "log_level" $s.logLevel) "applications" (list $app) -}}
 {{- toYaml $config -}}
@@ -239,16 +337,22 @@ capabilities:
 {{- define "distinfer.initContainers" -}}
 {{- if .Values.model.prepare }}
 initContainers:
-  - name: prepare-model
-    image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
-    imagePullPolicy: {{ .Values.image.pullPolicy }}
+{{- range $i, $path := include "distinfer.modelPaths" . | fromJsonArray }}
+  - name: prepare-model{{ if $.Values.models }}-{{ $i }}{{ end }}
+    image: "{{ $.Values.image.repository }}:{{ $.Values.image.tag }}"
+    imagePullPolicy: {{ $.Values.image.pullPolicy }}
     command: ["python", "/opt/distinfer/deploy/entrypoint.py", "prepare-model"]
     env:
-      {{- include "distinfer.env" . | nindent 6 }}
+      {{- include "distinfer.env" $ | nindent 6 }}
+      {{- if and $.Values.models $path }}
+      - name: DISTINFER_MODEL
+        value: {{ $path | quote }}
+      {{- end }}
     volumeMounts:
-      {{- include "distinfer.volumeMounts" . | nindent 6 }}
+      {{- include "distinfer.volumeMounts" $ | nindent 6 }}
     securityContext:
-      {{- include "distinfer.containerSecurityContext" . | nindent 6 }}
+      {{- include "distinfer.containerSecurityContext" $ | nindent 6 }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
