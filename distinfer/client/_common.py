@@ -127,11 +127,11 @@ class ClientBase:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _drain_call(self, instance_id: str, timeout_s: float,
+    def _drain_call(self, instance_id: str, timeout_s: float, model: str,
                     timeout: float | None) -> tuple[pb.DrainInstanceRequest, float | None]:
         """(request, call deadline): without an explicit `timeout`, the default deadline is stretched to
         outlast the server's wait (a drain that outlives its call goes on on the server, unreported)."""
-        request = pb.DrainInstanceRequest(instance_id=instance_id, timeout_s=timeout_s)
+        request = pb.DrainInstanceRequest(instance_id=instance_id, timeout_s=timeout_s, model=model)
         if timeout is not None or self.timeout is None:
             return request, timeout
         wait = min(timeout_s, MAX_DRAIN_TIMEOUT_S) if math.isfinite(timeout_s) and timeout_s > 0 else 0.0

@@ -122,22 +122,30 @@ class AsyncClient(ClientBase):
     async def abort(self, request_id: str, timeout: float | None = None) -> bool:
         return (await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout)).found
 
-    async def model_info(self, timeout: float | None = None) -> ModelInfo:
-        return ModelInfo.from_proto(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    async def model_info(self, timeout: float | None = None, *, model: str = "") -> ModelInfo:
+        """The served model's limits; `model` picks one where an application serves several (empty: the
+        server's only model, or its first)."""
+        request = pb.GetModelInfoRequest(model=model)
+        return ModelInfo.from_proto(await self._unary(self._stub.GetModelInfo, request, timeout))
 
-    async def server_info(self, timeout: float | None = None) -> ServerInfo:
-        return ServerInfo.from_proto(await self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+    async def server_info(self, timeout: float | None = None, *, model: str = "") -> ServerInfo:
+        """Version, parallelism, load and instances of the server of `model` (empty: the only/first one)."""
+        request = pb.GetServerInfoRequest(model=model)
+        return ServerInfo.from_proto(await self._unary(self._stub.GetServerInfo, request, timeout))
 
     async def drain_instance(self, instance_id: str, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, *,
-                             timeout: float | None = None) -> DrainResult:
+                             model: str = "", timeout: float | None = None) -> DrainResult:
         """Admin (a server with several instances behind a router): stop sending requests to one instance,
         move its running requests to the others, wait up to timeout_s for the rest; NotFoundError for an
-        unknown id, FailedPreconditionError on a single-engine server. Ids: server_info().instances."""
-        request, deadline = self._drain_call(instance_id, timeout_s, timeout)
+        unknown id, FailedPreconditionError on a single-engine server. Ids: server_info(model=model).instances;
+        `model` names the model whose instance it is where an application serves several (empty: the only/first)."""
+        request, deadline = self._drain_call(instance_id, timeout_s, model, timeout)
         return DrainResult.from_proto(await self._unary(self._stub.DrainInstance, request, deadline))
 
-    async def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float | None = None) -> TokenizeResult:
-        msg = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout)
+    async def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float | None = None, *,
+                       model: str = "") -> TokenizeResult:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens, model=model)
+        msg = await self._unary(self._stub.Tokenize, request, timeout)
         return TokenizeResult(list(msg.token_ids), list(msg.tokens), msg.max_model_len)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:

@@ -121,22 +121,30 @@ class Client(ClientBase):
         """Abort a running request; False when the server knows no running request of that id."""
         return self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout).found
 
-    def model_info(self, timeout: float | None = None) -> ModelInfo:
-        return ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    def model_info(self, timeout: float | None = None, *, model: str = "") -> ModelInfo:
+        """The served model's limits; `model` picks one where an application serves several (empty: the
+        server's only model, or its first)."""
+        request = pb.GetModelInfoRequest(model=model)
+        return ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, request, timeout))
 
-    def server_info(self, timeout: float | None = None) -> ServerInfo:
-        return ServerInfo.from_proto(self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+    def server_info(self, timeout: float | None = None, *, model: str = "") -> ServerInfo:
+        """Version, parallelism, load and instances of the server of `model` (empty: the only/first one)."""
+        request = pb.GetServerInfoRequest(model=model)
+        return ServerInfo.from_proto(self._unary(self._stub.GetServerInfo, request, timeout))
 
     def drain_instance(self, instance_id: str, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, *,
-                       timeout: float | None = None) -> DrainResult:
+                       model: str = "", timeout: float | None = None) -> DrainResult:
         """Admin (a server with several instances behind a router): stop sending requests to one instance,
         move its running requests to the others, wait up to timeout_s for the rest; NotFoundError for an
-        unknown id, FailedPreconditionError on a single-engine server. Ids: server_info().instances."""
-        request, deadline = self._drain_call(instance_id, timeout_s, timeout)
+        unknown id, FailedPreconditionError on a single-engine server. Ids: server_info(model=model).instances;
+        `model` names the model whose instance it is where an application serves several (empty: the only/first)."""
+        request, deadline = self._drain_call(instance_id, timeout_s, model, timeout)
         return DrainResult.from_proto(self._unary(self._stub.DrainInstance, request, deadline))
 
-    def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float | None = None) -> TokenizeResult:
-        msg = self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout)
+    def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float | None = None, *,
+                 model: str = "") -> TokenizeResult:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens, model=model)
+        msg = self._unary(self._stub.Tokenize, request, timeout)
         return TokenizeResult(list(msg.token_ids), list(msg.tokens), msg.max_model_len)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

@@ -45,6 +45,7 @@ from distinfer.serving.validation import (
     MAX_N,
     MAX_STOP_STRINGS,
     RequestValidationError,
+    UnknownModelError,
     ServingLimits,
     check_fits_context,
     check_text,
@@ -81,6 +82,8 @@ class Refused(Exception):
 
 def status_for(exc: BaseException, error_id: str) -> tuple[grpc.StatusCode, str, bool]:
     """(status code, message, retryable) for an error raised while serving a request."""
+    if isinstance(exc, UnknownModelError):
+        return grpc.StatusCode.NOT_FOUND, exc.message, False
     if isinstance(exc, RequestValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, exc.message, False
     if isinstance(exc, Refused):

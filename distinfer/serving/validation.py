@@ -43,8 +43,12 @@ class RequestValidationError(ValueError):
     def with_path(self, path: str) -> "RequestValidationError":
         """The same error with `field` replaced by `path` in the message (e.g. a proto field path)."""
         if self.message.startswith(self.field):
-            return RequestValidationError(path, path + self.message[len(self.field):])
-        return RequestValidationError(path, f"{path}: {self.message}")
+            return type(self)(path, path + self.message[len(self.field):])
+        return type(self)(path, f"{path}: {self.message}")
+
+
+class UnknownModelError(RequestValidationError):
+    """The request names a model this server does not serve (gRPC NOT_FOUND, HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def validate_drain_timeout(timeout_s: Any) -> float:
 def validate_model_name(requested: str | None, served: str) -> None:
     """Empty or None means the served model; any other name must be the served one."""
     if requested and requested != served:
-        _fail("model", f"{requested!r} is not served here; this server serves {served!r}")
+        raise UnknownModelError("model", f"model {requested!r} is not served here; this server serves {served!r}")
 
 
 def validate_token_ids(token_ids: Sequence[int], limits: ServingLimits, field: str = "token_ids") -> list[int]:

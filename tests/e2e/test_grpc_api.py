@@ -1,5 +1,5 @@
 """The gRPC server and client SDK on the real model over loopback: exact streaming, batching,
-cancel / deadline / abort freeing KV blocks, n > 1, logprobs, info RPCs."""
+cancel / deadline / abort freeing KV blocks, n > 1, logprobs, info RPCs and their `model` field."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from distinfer import AsyncLLM, LLM, SamplingParams
@@ -15,10 +16,14 @@ from distinfer.client import (
     AsyncClient,
     Client,
     DeadlineExceededError,
+    FailedPreconditionError,
     GenerateDelta,
+    NotFoundError,
     ResourceExhaustedError,
 )
 from distinfer.serving.grpc_server import GrpcServerThread
+from distinfer.v1 import inference_pb2 as pb
+from distinfer.v1 import inference_pb2_grpc as pb_grpc
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Emoji test: 🚀🚀 and 東京", "1, 2, 3,"]
 ENGINE_KWARGS = dict(dtype="float32", max_model_len=2048, num_kv_blocks=512)
@@ -215,3 +220,57 @@ def test_cancel_before_reading_raises_nothing(client):
     stream = client.generate_stream("Hi", max_tokens=4)
     stream.cancel()
     assert list(stream) == []
+
+
+MODEL_FIELD_REQUESTS = {  # RPC -> a request naming `model` (DrainInstance: an id that would pass its own checks)
+    "GetModelInfo": lambda model: pb.GetModelInfoRequest(model=model),
+    "GetServerInfo": lambda model: pb.GetServerInfoRequest(model=model),
+    "DrainInstance": lambda model: pb.DrainInstanceRequest(instance_id="instance-0", timeout_s=0, model=model),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MODEL_FIELD_REQUESTS))
+def test_info_and_drain_rpcs_check_the_model_field(server, method):
+    """Raw stubs (no SDK): a name the server does not serve is refused as the other RPCs refuse it
+    (validate_model_name: NOT_FOUND naming `model`, as HTTP's 404); the served name and the empty one pass the check
+    (DrainInstance then meets the single engine: FAILED_PRECONDITION)."""
+    with grpc.insecure_channel(server.target) as channel:
+        call = getattr(pb_grpc.InferenceServiceStub(channel), method)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(MODEL_FIELD_REQUESTS[method]("gpt-17"), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert refused.value.details().startswith("model ") and "'gpt-17' is not served" in refused.value.details()
+        for model in ("smollm2", ""):
+            if method == "DrainInstance":
+                with pytest.raises(grpc.RpcError) as single:
+                    call(MODEL_FIELD_REQUESTS[method](model), timeout=60)
+                assert single.value.code() == grpc.StatusCode.FAILED_PRECONDITION, single.value.details()
+            else:
+                assert call(MODEL_FIELD_REQUESTS[method](model), timeout=60).model_name == "smollm2"
+
+
+def test_sync_client_sends_the_model(client):
+    assert client.model_info(model="smollm2").model_name == "smollm2"
+    assert client.server_info(model="smollm2").model_name == "smollm2"
+    assert client.tokenize("Hi", model="smollm2").token_ids == client.tokenize("Hi").token_ids
+    with pytest.raises(FailedPreconditionError):  # past the model check, to the single engine's refusal
+        client.drain_instance("instance-0", 0, model="smollm2")
+    wrong = [lambda: client.model_info(model="gpt-17"), lambda: client.server_info(model="gpt-17"),
+             lambda: client.tokenize("Hi", model="gpt-17"), lambda: client.drain_instance("instance-0", 0, model="gpt-17")]
+    for call in wrong:
+        with pytest.raises(NotFoundError, match="'gpt-17' is not served"):
+            call()
+
+
+async def test_async_client_sends_the_model(server):
+    async with AsyncClient(server.target, timeout=60) as aclient:
+        assert (await aclient.model_info(model="smollm2")).model_name == "smollm2"
+        assert (await aclient.server_info(model="smollm2")).model_name == "smollm2"
+        assert (await aclient.tokenize("Hi", model="smollm2")).token_ids == (await aclient.tokenize("Hi")).token_ids
+        with pytest.raises(FailedPreconditionError):
+            await aclient.drain_instance("instance-0", 0, model="smollm2")
+        wrong = [aclient.model_info(model="gpt-17"), aclient.server_info(model="gpt-17"),
+                 aclient.tokenize("Hi", model="gpt-17"), aclient.drain_instance("instance-0", 0, model="gpt-17")]
+        for call in wrong:
+            with pytest.raises(NotFoundError, match="'gpt-17' is not served"):
+                await call

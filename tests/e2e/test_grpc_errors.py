@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from distinfer import AsyncLLM
-from distinfer.client import Client, InvalidArgumentError
+from distinfer.client import Client, InvalidArgumentError, NotFoundError
 from distinfer.serving.grpc_codec import raw_message_class
 from distinfer.serving.grpc_server import GrpcServerThread
 from distinfer.v1 import inference_pb2 as pb
@@ -68,7 +68,6 @@ BAD = [
     ("repetition-penalty-tiny", "Hi", {"repetition_penalty": 1e-300, "temperature": 1.0},
      "sampling_params.repetition_penalty", "[0.01, 100]"),
     ("penalty-infinite", "Hi", {"presence_penalty": math.inf}, "sampling_params.presence_penalty", "finite"),
-    ("unknown-model", "Hi", {"model": "gpt-17"}, "model", "not served"),
     ("request-id-control-char", "Hi", {"request_id": "a\x1fb"}, "request_id", "printable"),
 ]
 
@@ -90,6 +89,13 @@ def _send_raw(server, message) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as info:
             list(call(message.SerializeToString(), timeout=30))
     return info.value
+
+
+def test_a_model_not_served_here_is_not_found(client):
+    """As HTTP answers 404 model_not_found: gRPC NOT_FOUND naming the field and the served model."""
+    with pytest.raises(NotFoundError, match="^NOT_FOUND: model 'gpt-17' is not served here; this server serves") as info:
+        client.generate("Hi", model="gpt-17")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("where", ["text", "stop", "request_id"])

@@ -1,8 +1,12 @@
 """Several models in one Ray Serve application (distinfer/serving/ray_serve_multi.py): the `models` args
 are checked before anything starts, each model gets its own deployment and replica settings, and (slow)
 two tiny models served for real on a local Ray answer HTTP and gRPC requests by their `model` field,
-behind one API key, with streams that stay streams."""
+behind one API key, with streams that stay streams and a client that leaves a stream aborting its request."""
 from __future__ import annotations
+
+import itertools
+import logging
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -21,6 +25,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 ENGINE = {"dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 8}
 API_KEY = "multi-model-test-key"
+logger = logging.getLogger(__name__)
 
 
 @pytest.mark.parametrize("args,problem", [
@@ -121,6 +126,7 @@ def test_two_models_in_one_app_routed_by_model_field(two_models):
         serve.run(app_builder({"api_key": API_KEY, "models": models}), name="distinfer", route_prefix="/")
         base = f"http://127.0.0.1:{http_port}"
         _check_http(openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120), base, requests)
+        _check_disconnect_aborts(base, requests)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             _check_grpc(channel, grpc)
     finally:
@@ -152,6 +158,36 @@ def _check_http(client, base: str, requests) -> None:
     assert requests.get(f"{base}/health", timeout=60).json() == {"status": "ok"}
     metrics = requests.get(f"{base}/metrics", timeout=60).text
     assert 'model_name="alpha"' in metrics and 'model_name="beta"' in metrics
+
+
+def _finished(base: str, requests, model: str, reason: str) -> float:
+    """The model's `distinfer:request_success_total` of one finish reason, from the ingress's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base}/metrics", timeout=60).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "distinfer:request_success_total"
+               and sample.labels == {"model_name": model, "finished_reason": reason})
+
+
+def _check_disconnect_aborts(base: str, requests) -> None:
+    """A client that leaves a stream mid-way aborts the request on the model's deployment: the relay through
+    the ingress carries the disconnect, and the model's engine counts an abort, not a finished request."""
+    aborted, finished = _finished(base, requests, "beta", "abort"), _finished(base, requests, "beta", "length")
+    body = {"model": "beta", "prompt": "Hello", "max_tokens": 370, "temperature": 0, "ignore_eos": True, "stream": True}
+    started = time.monotonic()
+    with requests.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                       stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        chunks = itertools.islice((line for line in response.iter_lines() if line.startswith(b"data: {")), 3)
+        assert len(list(chunks)) == 3
+    left = time.monotonic()  # leaving the block closed the connection with the stream unfinished
+    deadline = left + 60
+    while _finished(base, requests, "beta", "abort") == aborted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logger.info("3 chunks after %.2fs; abort counted %.2fs after the disconnect", left - started, time.monotonic() - left)
+    assert _finished(base, requests, "beta", "abort") == aborted + 1
+    assert _finished(base, requests, "beta", "length") == finished  # it did not run to max_tokens
 
 
 def _check_grpc(channel, grpc) -> None:
