@@ -13,6 +13,7 @@ from distinfer.distributed.comm import all_gather, pp_recv, pp_send, take_collec
 from distinfer.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group, get_tp_rank
 from distinfer.messages import KVBlockCopy, ModelRunnerOutput, SchedulerOutput
 from distinfer.model.attention.paged import AttentionMetadata, resolve_attention_backend
+from distinfer.model.attention.ring import RingStats
 from distinfer.model.attention.sp_plan import SPMetadata, build_sp_metadata
 from distinfer.model.loader import load_hf_config, load_model
 from distinfer.worker.cuda_graphs import DecodeGraphs, DecodeRows
@@ -32,6 +33,10 @@ class StepTimings:
     forward: float = 0.0  # includes collective below
     sample: float = 0.0
     collective: float = 0.0  # all-reduce/all-gather/send/recv inside this step
+    # sequence parallel: ring transfers' seconds in flight, the part of it spent waiting, bytes sent
+    ring_in_flight: float = 0.0
+    ring_exposed: float = 0.0
+    ring_bytes: int = 0
 
 
 class ModelRunner:
@@ -158,13 +163,15 @@ class ModelRunner:
             input_ids, positions, attn_metadata = self._to_tensors(inputs)
         t1 = time.perf_counter()
         take_collective_seconds()
+        RingStats.take()
         if graphed:
             hidden = self.graphs.run(self._decode_rows(inputs))
         else:
             hidden = self._forward_stage(input_ids, positions, attn_metadata, self.kv_caches)
         t2 = time.perf_counter()
         output = self._sample(inputs, hidden, attn_metadata) if self.is_last_stage else self._empty_output(inputs)
-        self.timings = StepTimings(t1 - t0, t2 - t1, time.perf_counter() - t2, take_collective_seconds())
+        self.timings = StepTimings(t1 - t0, t2 - t1, time.perf_counter() - t2, take_collective_seconds(),
+                                   *RingStats.take())
         return output
 
     def _decode_rows(self, inputs: StepInputs) -> DecodeRows:

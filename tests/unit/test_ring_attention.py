@@ -71,7 +71,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, sc
 
 def _run_case(rank: int, sp: int, steps, heads, seed: int, groups) -> None:
     from distinfer.model.attention.paged import TorchSDPABackend, make_kv_cache, write_kv
-    from distinfer.model.attention.ring import ring_attention
+    from distinfer.model.attention.ring import RingStats, ring_attention
 
     hq, hkv = heads
     d, per_rank, scale = 8, 64, 0.35
@@ -99,7 +99,14 @@ def _run_case(rank: int, sp: int, steps, heads, seed: int, groups) -> None:
         rows = [where[r] for r in md.local_rows.tolist()]
         q = torch.stack([qs[i][p] for i, p in rows]) if rows else torch.empty(0, hq, d)
         kv = torch.stack([torch.stack([ks[i][p], vs[i][p]]) for i, p in rows]) if rows else torch.empty(0, 2, hkv, d)
+        RingStats.take()
         out = ring_attention(backend, q, kv, cache, md, scale, *groups)
+        in_flight, exposed, sent = RingStats.take()
+        if md.needs_ring:  # every ring step but the last passes on what this rank holds
+            assert sent == sum(md.num_rows[(rank - t) % sp] for t in range(sp - 1)) * 2 * hkv * d * 4
+            assert 0 <= exposed <= in_flight
+        else:
+            assert (in_flight, exposed, sent) == (0.0, 0.0, 0)
         for row, (i, p) in enumerate(rows):
             expected = _reference(qs[i][:p + 1], ks[i][:p + 1], vs[i][:p + 1], p, scale)[0]
             assert torch.allclose(out[row], expected, atol=2e-5), (phase, steps, heads, i, p)

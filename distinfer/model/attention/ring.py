@@ -13,6 +13,8 @@ same order (the plan is the same everywhere), so the group never deadlocks on a 
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -69,6 +71,22 @@ def _store(kv_cache: torch.Tensor, kv: torch.Tensor, write: tuple[torch.Tensor, 
         write_kv(kv_cache, kv.index_select(0, rows), slots)
 
 
+class RingStats:
+    """Seconds of ring transfers since the last take(): `in_flight` from posting each transfer to its end,
+    `exposed` the part of it this rank sat waiting (the rest was hidden behind attention)."""
+
+    in_flight: float = 0.0
+    exposed: float = 0.0
+    num_bytes: int = 0  # sent by this rank
+
+    @classmethod
+    def take(cls) -> tuple[float, float, int]:
+        taken = (cls.in_flight, cls.exposed, cls.num_bytes)
+        cls.in_flight = cls.exposed = 0.0
+        cls.num_bytes = 0
+        return taken
+
+
 class _Ring:
     """The fresh rows travelling around the SP ring: at step t this rank holds rank (rank - t) % sp's rows;
     the next ones are received while the current ones are used."""
@@ -90,15 +108,20 @@ class _Ring:
         with _timed():
             ops = [dist.P2POp(dist.isend, held, nxt, self.group.group), dist.P2POp(dist.irecv, buffer, prev,
                                                                                   self.group.group)]
-            self.pending = (dist.batch_isend_irecv(ops), buffer)
+            self.pending = (dist.batch_isend_irecv(ops), buffer, time.perf_counter())
+        RingStats.num_bytes += held.numel() * held.element_size()
 
     def step(self, step: int) -> tuple[int, torch.Tensor]:
         """(source rank, its rows) for this ring step; starts the next transfer."""
         if step:
-            works, buffer = self.pending
+            works, buffer, posted = self.pending
+            waiting = time.perf_counter()
             with _timed():
                 for work in works:
                     work.wait()
+            done = time.perf_counter()
+            RingStats.in_flight += done - posted
+            RingStats.exposed += done - waiting
             self.held = buffer
             self._post(buffer, step)
         return (self.md.rank - step) % self.md.sp, self.held
