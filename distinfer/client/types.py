@@ -207,15 +207,17 @@ class ServerInfo:
 
 @dataclass
 class DrainResult:
-    """What DrainInstance did: requests moved to other instances, and those still on it (0: removable)."""
+    """What DrainInstance did: requests moved to other instances, those still on it (0: removable), and
+    those that ended where they were while their move was under way."""
 
     instance_id: str
     moved: int
     remaining: int
+    finished_in_place: int = 0
 
     @classmethod
     def from_proto(cls, msg: pb.DrainInstanceResponse) -> "DrainResult":
-        return cls(msg.instance_id, msg.moved, msg.remaining)
+        return cls(msg.instance_id, msg.moved, msg.remaining, msg.finished_in_place)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from distinfer.router.state import RequestStream, _Instance
 logger = logging.getLogger(__name__)
 
 PD_HAND_OFF = MigrationConfig(max_stages=0)  # the prompt's KV in one stage, right after the first token
+PD_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # a hand-off refused for lack of room is tried again after these
 # Where a request may move from an instance of each role (prefill hands off to decode; decode stays decode).
 _DESTINATION_ROLES = {"both": ("both",), "prefill": ("decode",), "decode": ("decode",)}
 
@@ -29,6 +30,7 @@ class DrainResult:
     instance_id: str
     moved: int  # requests moved to other instances
     remaining: int  # requests still on it when drain_instance returned (0: it can be removed)
+    finished_in_place: int = 0  # requests that ended there (finished or aborted) while their move was under way
 
 
 class RequestMoves:
@@ -61,15 +63,22 @@ class RequestMoves:
 
     async def _hand_off(self, stream: RequestStream) -> None:
         """Prefill/decode: the request has its first token; it moves (one stage) to a decode instance chosen
-        by load. If that fails it goes on decoding where it is."""
-        try:
-            result = await self.migrate(stream.request.request_id, config=PD_HAND_OFF)
-        except (KeyError, ValueError, EngineDrainingError) as exc:  # finished already, or no decode instance open
-            logger.info("no hand-off for request %s: %s", stream.request.request_id, exc)
-            return
-        if result.status != MigrationStatus.FINISHED:
-            logger.warning("hand-off of request %s to a decode instance failed (%s): it decodes on %s",
-                           stream.request.request_id, result.reason, result.source)
+        by load. A decode pool without room (ABORTED_DST) is tried again after PD_RETRY_DELAYS_S; meanwhile,
+        and if every try fails, it goes on decoding where it is."""
+        request_id = stream.request.request_id
+        for delay in (0.0, *PD_RETRY_DELAYS_S):
+            await asyncio.sleep(delay)
+            if stream.finished or stream.aborted or self.streams.get(request_id) is not stream:
+                return
+            try:
+                result = await self.migrate(request_id, config=PD_HAND_OFF)
+            except (KeyError, ValueError, EngineDrainingError) as exc:  # finished already, or no decode instance open
+                logger.info("no hand-off for request %s: %s", request_id, exc)
+                return
+            if result.status != MigrationStatus.ABORTED_DST:
+                return
+        logger.warning("hand-off of request %s to a decode instance failed (%s): it decodes on %s",
+                       request_id, result.reason, result.source)
 
     def _rebalance(self) -> None:
         """Start the moves the migration policy asks for, within each pool of instances of one role."""
@@ -176,10 +185,11 @@ class RequestMoves:
                  if not stream.migrating and any(i.open for i in self.instances.values())]
         results = await asyncio.gather(*moves, return_exceptions=True)
         moved = sum(isinstance(r, MigrationResult) and r.status == MigrationStatus.FINISHED for r in results)
+        ended = sum(isinstance(r, MigrationResult) and r.status == MigrationStatus.ABORTED_SRC for r in results)
         if instance.alive:
             try:
                 await instance.actor.drain.remote(timeout_s)
             except (RayActorError, RayTaskError) as exc:
                 logger.warning("draining %s failed: %s", instance_id, exc)
         logger.info("drained %s: %d request(s) moved, %d left", instance_id, moved, len(instance.streams))
-        return DrainResult(instance_id, moved, len(instance.streams))
+        return DrainResult(instance_id, moved, len(instance.streams), ended)

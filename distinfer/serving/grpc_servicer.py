@@ -326,7 +326,7 @@ class InferenceServicer:
             logger.info("DrainInstance %s: %d request(s) moved, %d left", result.instance_id, result.moved,
                         result.remaining)
             return pb.DrainInstanceResponse(instance_id=result.instance_id, moved=result.moved,
-                                            remaining=result.remaining)
+                                            remaining=result.remaining, finished_in_place=result.finished_in_place)
         except Exception as exc:
             await self._abort(context, exc)
             raise

@@ -303,11 +303,13 @@ class DrainInstanceRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DrainInstanceResponse(_message.Message):
-    __slots__ = ("instance_id", "moved", "remaining")
+    __slots__ = ("instance_id", "moved", "remaining", "finished_in_place")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MOVED_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     moved: int
     remaining: int
-    def __init__(self, instance_id: _Optional[str] = ..., moved: _Optional[int] = ..., remaining: _Optional[int] = ...) -> None: ...
+    finished_in_place: int
+    def __init__(self, instance_id: _Optional[str] = ..., moved: _Optional[int] = ..., remaining: _Optional[int] = ..., finished_in_place: _Optional[int] = ...) -> None: ...

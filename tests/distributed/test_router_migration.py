@@ -174,7 +174,9 @@ def test_drain_moves_every_request_away_and_leaves_the_instance_empty(engine):
         where = [await engine.where(f"drain-{i}") for i in range(6)]
         victim = max(set(where), key=where.count)
         result = await engine.drain_instance(victim, timeout_s=30)
-        assert (result.moved, result.remaining) == (where.count(victim), 0), result
+        # each of the victim's requests moved, or (a loaded host) ended there while its move was under way
+        assert result.moved + result.finished_in_place == where.count(victim) and result.remaining == 0, result
+        assert result.moved >= 1, result
         load = ray.get(actors(engine)[victim].load.remote())
         assert load.num_running + load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
         for i, gen in enumerate(gens):

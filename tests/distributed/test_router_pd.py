@@ -70,3 +70,30 @@ def test_the_split_is_validated():
     with pytest.raises(ValueError, match="prefill_instances"):
         RouterConfig(num_instances=2, prefill_instances=-1, decode_instances=3)
     RouterConfig(num_instances=3, prefill_instances=1, decode_instances=2)
+
+
+def test_a_refused_hand_off_is_tried_again_once_the_decode_instance_has_room(pd, tiny_hf_model):
+    import ray
+
+    decode = actors(pd)["decode-0"]
+    long = GREEDY.clone(max_tokens=200)
+    assert ray.get(decode.reserve.remote("blocker", 64))  # the first try finds no room
+
+    async def run() -> tuple[list[int], list[str]]:
+        tokens, places = [], []
+        async for out in pd.generate({"prompt_token_ids": PROMPTS[1]}, long.clone(), "pd-retry"):
+            tokens += out.outputs[0].token_ids
+            if len(tokens) == 2:  # decoding on the prefill instance: room comes back for the next try
+                await asyncio.to_thread(ray.get, decode.cancel_reservation.remote("blocker"))
+            place = None if out.finished else await pd.where("pd-retry")
+            if place is not None:
+                places.append(place)
+        return tokens, places
+
+    try:
+        tokens, places = asyncio.run(run())
+    finally:
+        ray.get(decode.cancel_reservation.remote("blocker"))
+    assert tokens == hf_greedy(tiny_hf_model, PROMPTS[1], 200)
+    assert places[0] == "prefill-0" and places[-1] == "decode-0", places
+    wait_idle(pd)
