@@ -12,7 +12,8 @@ from distinfer import LLM, AsyncLLM, SamplingParams
 from distinfer.executor.base import EngineDeadError
 from tests.conftest import hf_greedy
 from tests.distributed.conftest import wait_released
-from tests.distributed.test_parallel_exactness import ENGINE_ARGS, _greedy, _seeded, _tokens
+from tests.distributed.test_parallel_exactness import (ENGINE_ARGS, _greedy, _tokens,
+                                                       assert_prefix_hits_and_seeded_match)
 from tests.distributed.test_parallel_exactness import prompt_ids, single_device  # noqa: F401 (fixtures)
 from tests.distributed.test_worker_failure import FAILURE_DEADLINE_S, _fail_during_streams, _inject
 
@@ -30,10 +31,7 @@ def test_sequence_parallel_matches_single_device(name, ray_session, tiny_model_d
         stats = llm.engine.get_stats()  # every SP rank's blocks, all free again
         assert stats.num_total_blocks == sp * ENGINE_ARGS["num_kv_blocks"]
         assert stats.num_free_blocks == stats.num_total_blocks
-        again = llm.generate(prompt_ids, _greedy(), use_tqdm=False)  # prompts now hit the prefix cache
-        assert _tokens(again) == single_device["greedy"]
-        assert max(o.num_cached_tokens for o in again) >= len(prompt_ids[4]) // 8 * 8 - 8
-        assert _tokens(llm.generate([prompt_ids[1]], _seeded(), use_tqdm=False)) == single_device["seeded"]
+        assert_prefix_hits_and_seeded_match(llm, prompt_ids, single_device)  # the prefix cache is sharded too
     finally:
         llm.shutdown()
 
