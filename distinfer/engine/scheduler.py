@@ -68,8 +68,7 @@ class Scheduler(SchedulerMoves):
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  num_blocks: int, max_model_len: int, max_concurrent_batches: int = 1,
                  num_host_blocks: int = 0, kv_block_bytes: int = 0, sequence_parallel_size: int = 1) -> None:
-        """`num_blocks` per rank; under sequence parallelism the pool holds every SP rank's, one partition each
-        (kv/manager.py: a request's blocks go round the ranks)."""
+        """`num_blocks` per rank; under sequence parallelism the pool holds every SP rank's (kv/manager.py)."""
         self.config = scheduler_config
         # Pipeline parallel keeps this many steps in flight; each then takes its share of the running
         # requests, so that in steady decoding every stage has a batch instead of one batch and idle stages.
@@ -129,10 +128,6 @@ class Scheduler(SchedulerMoves):
     def has_unfinished_requests(self) -> bool:
         """Anything to schedule (a request paused for a move is not: the loop may sleep)."""
         return len(self.waiting) + len(self.running) > len(self._paused)  # paused ones are among these
-
-    @property
-    def num_paused(self) -> int:
-        return len(self._paused)
 
     def has_finished_requests(self) -> bool:
         """Finished ids not yet reported to the workers (an empty step still carries them)."""

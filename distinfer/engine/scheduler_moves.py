@@ -35,6 +35,10 @@ class SchedulerMoves:
                 return request.request_id, -(-request.num_tokens // self.block_size)
         return None
 
+    @property
+    def num_paused(self) -> int:
+        return len(self._paused)
+
     def is_paused(self, request_id: str) -> bool:
         return request_id in self._paused
 

@@ -39,7 +39,7 @@ from distinfer.serving.grpc_health_check import NOT_SERVING, SERVING
 from distinfer.serving.metrics import EngineMetrics
 from distinfer.serving.openai_http import build_app
 from distinfer.serving.ray_metrics import RayMetricsBridge
-from distinfer.serving.server import DEFAULT_MODEL_NAME, check_instances, make_engine
+from distinfer.serving.server import DEFAULT_MODEL_NAME, check_instances, make_engine, router_kwargs_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ class ServeAppArgs(BaseModel):
 
     @property
     def router_kwargs(self) -> dict[str, Any]:
-        return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
-                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
-                    migration_policy=self.migration_policy, migration_transport=self.migration_transport)
+        return router_kwargs_of(self)
 
     @property
     def engine_args(self) -> dict[str, Any]:

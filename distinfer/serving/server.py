@@ -75,9 +75,7 @@ class ServeOptions:
 
     @property
     def router_kwargs(self) -> dict[str, Any]:
-        return dict(num_instances=self.num_instances, dispatch_policy=self.dispatch_policy,
-                    prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
-                    migration_policy=self.migration_policy, migration_transport=self.migration_transport)
+        return router_kwargs_of(self)
 
     @property
     def model_name(self) -> str:
@@ -345,3 +343,10 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def router_kwargs_of(options: Any) -> dict[str, Any]:
+    """RouterEngine's keywords from the router fields that ServeOptions and the Serve app's args share."""
+    return dict(num_instances=options.num_instances, dispatch_policy=options.dispatch_policy,
+                prefill_instances=options.prefill_instances, decode_instances=options.decode_instances,
+                migration_policy=options.migration_policy, migration_transport=options.migration_transport)
