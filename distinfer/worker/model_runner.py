@@ -211,7 +211,8 @@ class ModelRunner:
         )
         return input_ids.to(self.device), positions.to(self.device), attn_metadata
 
-    def _last_hidden(self, inputs: StepInputs, hidden: torch.Tensor, md: object) -> torch.Tensor:
+    def _last_hidden(self, inputs: StepInputs, hidden: torch.Tensor,
+                     md: AttentionMetadata | SPMetadata | None) -> torch.Tensor:
         """The hidden state of each sampling row's last token (one index copy; none for a decode batch). Under
         SP each rank has its own rows': they are all-gathered over the SP group, in batch order."""
         if isinstance(md, SPMetadata):
@@ -228,7 +229,8 @@ class ModelRunner:
     def _empty_output(inputs: StepInputs) -> ModelRunnerOutput:
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=[[] for _ in inputs.req_ids])
 
-    def _sample(self, inputs: StepInputs, hidden: torch.Tensor, md: object) -> ModelRunnerOutput:
+    def _sample(self, inputs: StepInputs, hidden: torch.Tensor,
+                md: AttentionMetadata | SPMetadata | None) -> ModelRunnerOutput:
         """Logits on every last-stage rank of the first SP rank (the vocab all-gather is a TP collective); only
         the output rank samples, since workers learn tokens from the scheduler, not from themselves."""
         if not inputs.sample_rows:
