@@ -135,9 +135,9 @@ def test_drain_moves_running_streams_which_finish_exactly(engine, client, tiny_h
     assert held >= 1 and sum(pending for pending, *_ in before.values()) == len(PROMPTS), before
 
     result = client.drain_instance(victim, timeout_s=30)
-    # every request there moved, or (a loaded host) ended there while its move was under way
-    assert result == DrainResult(victim, held - result.finished_in_place, 0, result.finished_in_place), (result, before)
-    assert result.moved >= 1, result
+    # every request there moved, or (a loaded host) ended there before or during its move
+    assert isinstance(result, DrainResult) and (result.instance_id, result.remaining) == (victim, 0), (result, before)
+    assert 1 <= result.moved <= result.moved + result.finished_in_place <= held, (result, before)
     pending, requests, free, total = instance_state(engine)[victim]
     assert (pending, requests, free) == (0, 0, total), f"{victim} is not empty after the drain"
 
