@@ -23,7 +23,7 @@ class _CollectiveClock:
 
 
 @contextmanager
-def _timed() -> Iterator[None]:
+def timed() -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
@@ -40,7 +40,7 @@ def all_reduce(x: torch.Tensor, coord: GroupCoordinator) -> torch.Tensor:
     """Sum `x` over the group, in place; returns `x`."""
     if coord.world_size == 1:
         return x
-    with _timed():
+    with timed():
         dist.all_reduce(x, group=coord.group)
     return x
 
@@ -50,7 +50,7 @@ def all_gather(x: torch.Tensor, coord: GroupCoordinator, dim: int = -1) -> torch
     if coord.world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(coord.world_size)]
-    with _timed():
+    with timed():
         dist.all_gather(parts, x.contiguous(), group=coord.group)
     return torch.cat(parts, dim=dim)
 
@@ -67,7 +67,7 @@ def broadcast(x: torch.Tensor, coord: GroupCoordinator, src_in_group: int = 0) -
     """Broadcast `x` in place from the group's `src_in_group` rank."""
     if coord.world_size == 1:
         return x
-    with _timed():
+    with timed():
         dist.broadcast(x, src=coord.global_rank_of(src_in_group), group=coord.group)
     return x
 
@@ -75,7 +75,7 @@ def broadcast(x: torch.Tensor, coord: GroupCoordinator, src_in_group: int = 0) -
 def pp_send(x: torch.Tensor) -> None:
     """Send `x` to the next pipeline stage."""
     coord = get_pp_group()
-    with _timed():
+    with timed():
         dist.send(x.contiguous(), dst=coord.global_rank_of(coord.rank_in_group + 1), group=coord.group)
 
 
@@ -83,6 +83,6 @@ def pp_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | s
     """Receive a tensor of known shape from the previous pipeline stage."""
     coord = get_pp_group()
     out = torch.empty(shape, dtype=dtype, device=device)
-    with _timed():
+    with timed():
         dist.recv(out, src=coord.global_rank_of(coord.rank_in_group - 1), group=coord.group)
     return out

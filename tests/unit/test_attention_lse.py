@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
 
 import importlib.util
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ from distinfer.model.attention.paged import (
     paged_attention_lse,
 )
 from distinfer.model.kernels import cpu
+from tests.unit.paged_cases import poisoned_paged_cache
 
-NAN = float("nan")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -120,12 +119,7 @@ def paged_case(lens: list[int], heads: tuple[int, int, int], block_size: int, dt
     row's context (past a row's length, spare and padding blocks) holds NaN."""
     hq, hkv, d = heads
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) + 1 for n in lens]  # one spare block per row
-    pool = list(range(1, sum(need) + 1))
-    random.Random(seed).shuffle(pool)
-    width = max(need)
-    tables = [[pool.pop() for _ in range(n)] + [0] * (width - n) for n in need]
-    cache = torch.full((sum(need) + 1, block_size, 2, hkv, d), NAN, dtype=dtype)
+    cache, tables = poisoned_paged_cache(lens, block_size, hkv, d, dtype, seed)
     flat = cache.view(-1, 2, hkv, d)
     for table, n in zip(tables, lens):
         slots = [table[p // block_size] * block_size + p % block_size for p in range(n)]

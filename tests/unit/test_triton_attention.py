@@ -30,6 +30,7 @@ from distinfer.model.attention.paged import (
     make_kv_cache,
 )
 from distinfer.model.kernels import triton_attention as ta
+from tests.unit.paged_cases import NAN, poisoned_paged_cache
 
 _interp = triton.runtime.interpreter.InterpretedFunction
 # Off CUDA the kernels need TRITON_INTERPRET=1 before triton's first import in the process; in a full
@@ -56,7 +57,6 @@ def test_in_a_fresh_process():
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
 
 
-NAN = float("nan")
 # (rtol, atol) against the float64 reference of the same (rounded) inputs
 TOLERANCE = {torch.float32: (1e-5, 2e-6), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 # (Hq, Hkv, D): GQA ratios 1 / 4 / 8 with both head sizes
@@ -90,12 +90,7 @@ def make_case(query_lens: list[int], seq_lens: list[int], heads: tuple[int, int,
     """Random q/kv and cached prefixes; blocks shuffled, one spare (poisoned) block per row."""
     hq, hkv, d = heads
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-s // block_size) + 1 for s in seq_lens]
-    pool = list(range(1, sum(need) + 1))
-    random.Random(seed).shuffle(pool)
-    width = max(need)
-    tables = [[pool.pop() for _ in range(n)] + [0] * (width - n) for n in need]
-    cache = torch.full((sum(need) + 1, block_size, 2, hkv, d), NAN, dtype=dtype)
+    cache, tables = poisoned_paged_cache(seq_lens, block_size, hkv, d, dtype, seed)
     flat = cache.view(-1, 2, hkv, d)
     slots = []
     for table, n, s in zip(tables, query_lens, seq_lens):

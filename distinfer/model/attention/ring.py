@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from distinfer.distributed.comm import _timed, all_gather
+from distinfer.distributed.comm import timed, all_gather
 from distinfer.distributed.parallel_state import GroupCoordinator, get_sp_group, get_sp_ring_group
 from distinfer.model.attention.paged import (AttentionBackend, AttentionMetadata, gather_kv, merge_partials,
                                             write_kv)
@@ -105,7 +105,7 @@ class _Ring:
         incoming = (md.rank - step - 1) % md.sp
         buffer = held.new_empty((md.num_rows[incoming], *held.shape[1:]))
         nxt, prev = (self.group.global_rank_of(md.rank + 1), self.group.global_rank_of(md.rank - 1))
-        with _timed():
+        with timed():
             ops = [dist.P2POp(dist.isend, held, nxt, self.group.group), dist.P2POp(dist.irecv, buffer, prev,
                                                                                   self.group.group)]
             self.pending = (dist.batch_isend_irecv(ops), buffer, time.perf_counter())
@@ -116,7 +116,7 @@ class _Ring:
         if step:
             works, buffer, posted = self.pending
             waiting = time.perf_counter()
-            with _timed():
+            with timed():
                 for work in works:
                     work.wait()
             done = time.perf_counter()

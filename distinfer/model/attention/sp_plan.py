@@ -131,7 +131,7 @@ def build_sp_metadata(query_lens: list[int], seq_lens: list[int], block_tables: 
 
     md = SPMetadata(sp, rank, torch.tensor(split.rows[rank], dtype=torch.long, device=device),
                     [len(r) for r in split.rows], _writes(split, block_tables, block_size, sp, rank, offset, device),
-                    _pairs(split, rank, sp), any(q > 1 for q in query_lens), *_cached(
+                    _pairs(split, rank, sp), any(q > 1 for q in query_lens), **_cached(
                         split, query_lens, seq_lens, block_size, sp, rank, local_blocks, device))
     md.sample_counts, md.sample_local, md.sample_order = _samples(split, query_lens, sample_requests, sp, rank,
                                                                   device)
@@ -170,7 +170,7 @@ def _pairs(split: _Split, rank: int, sp: int) -> list[list[FreshPair]]:
 
 
 def _cached(split: _Split, query_lens: list[int], seq_lens: list[int], block_size: int, sp: int, rank: int,
-            local_blocks, device) -> tuple:
+            local_blocks, device) -> dict:
     """The cached part: which rows take part (gathered order: rank by rank, each in local order), and what
     this rank computes for all of them."""
     counts, gathered_of_row, mine = [], {}, []
@@ -203,10 +203,10 @@ def _cached(split: _Split, query_lens: list[int], seq_lens: list[int], block_siz
                                       held))
     table_width = max((len(t) for t in tables), default=1) or 1
     padded = [t + [0] * (table_width - len(t)) for t in tables]
-    return (counts, torch.tensor(mine, dtype=torch.long, device=device),
-            torch.tensor(decode_rows, dtype=torch.long, device=device),
-            torch.tensor(padded, dtype=torch.long, device=device).view(len(tables), table_width),
-            torch.tensor(lens, dtype=torch.long, device=device), groups)
+    return dict(cached_counts=counts, cached_local=torch.tensor(mine, dtype=torch.long, device=device),
+                decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+                decode_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(tables), table_width),
+                decode_lens=torch.tensor(lens, dtype=torch.long, device=device), prefix_groups=groups)
 
 
 def _samples(split: _Split, query_lens: list[int], sample_requests: list[int], sp: int, rank: int,
